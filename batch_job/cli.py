@@ -1,0 +1,55 @@
+"""``whisper-batch`` command line: one entry point, one subcommand per job.
+
+Each subcommand lives in the module that does the work and registers itself through a
+``register(subparsers)`` function; this file only wires them together. Those modules keep
+their heavy imports (torch, transformers, boto3) inside the command functions so that
+``whisper-batch --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+#: Modules that contribute a subcommand, in --help order.
+SUBCOMMAND_MODULES = (
+    "batch_job.cli_transcribe",  # transcribe FILE...
+    "batch_job.job",             # run-job --input s3://...
+    "submitter.bulk",            # submit s3://bucket/prefix/
+    "batch_job.neuron.compile",  # compile --model ... --out DIR
+    "batch_job.local.cli",       # local [--once FILE...]
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="whisper-batch",
+        description="Transcribe audio with Whisper: locally, or as an AWS Batch job on Inferentia2.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a subcommand whose module is not built in yet
+            if exc.name and name.startswith(exc.name):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

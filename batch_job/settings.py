@@ -1,0 +1,115 @@
+"""One settings object for the worker, read once from the environment.
+
+Every knob of the worker lives here, with its default and the environment variable
+that overrides it (``WHISPER_BATCH_<FIELD>`` upper-cased, e.g. ``WHISPER_BATCH_BATCH_SIZE``).
+Nothing else in ``batch_job`` reads ``os.environ`` for configuration. CLI flags
+override settings through :meth:`Settings.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "WHISPER_BATCH_"
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "whisper-batch")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Worker configuration. Field docs name the env var that sets them."""
+
+    # --- model and engine -------------------------------------------------
+    model: str = "tiny.en"
+    """Model: ``tiny.en``, ``base``, a transformers checkpoint directory or a hub id (image build)."""
+    device: str = "auto"
+    """``auto`` (neuron if present, else cuda, else cpu), ``cpu``, ``cuda`` or ``neuron``."""
+    batch_size: int = 8
+    """Windows per encoder/decoder batch; the batch is padded to exactly this size."""
+    max_new_tokens: int = 224
+    """Static KV cache length for generated tokens per window (Whisper's limit is 448 incl. prompt)."""
+    compiled_dir: str = ""
+    """Directory of compiled Neuron graphs (with manifest.json); empty = compile nothing, run eager."""
+    cache_dir: str = field(default_factory=_default_cache_dir)
+    """Where converted model checkpoints are cached."""
+    threads: int = 0
+    """torch intra-op threads; 0 = one per available core."""
+    quantize_decoder: bool = True
+    """CPU only: dynamic int8 quantization of the decoder's Linear layers (the encoder stays fp32)."""
+
+    # --- inputs -----------------------------------------------------------
+    max_audio_seconds: float = 4 * 3600.0
+    """Longest audio accepted; longer gives reason ``too_long``."""
+    max_download_bytes: int = 2 * 1024**3
+    """Largest object the job downloads; larger gives reason ``too_large``."""
+    work_dir: str = ""
+    """Scratch directory for downloads (empty = system temp dir)."""
+
+    # --- job I/O ----------------------------------------------------------
+    input_uri: str = ""
+    """Default ``--input`` for run-job (``s3://bucket/key``)."""
+    output_uri: str = ""
+    """Default ``--output`` for run-job (``s3://bucket/prefix/``)."""
+    formats: str = "json,txt,srt,vtt"
+    """Output formats, comma-separated."""
+    s3_max_attempts: int = 5
+    """botocore retry attempts for S3 calls (standard mode)."""
+
+    # --- metrics ----------------------------------------------------------
+    metrics_namespace: str = "WhisperBatch"
+    """CloudWatch namespace for job metrics."""
+    metrics_service: str = "whisper-batch"
+    """Value of the ``Service`` dimension on every metric."""
+    metrics_mode: str = "emf"
+    """``emf`` (Embedded Metric Format on stdout), ``put`` (PutMetricData) or ``off``."""
+    neuron_monitor: str = "neuron-monitor"
+    """neuron-monitor executable; sampled during a job when found on PATH."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build settings from ``WHISPER_BATCH_*`` variables, then apply keyword overrides.
+
+        Raises ``ValueError`` naming the variable when a value has the wrong type.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            if name in env:
+                values[f.name] = _coerce(name, env[name], f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with the given fields changed; ``None`` values are ignored (unset CLI flags)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def format_list(self) -> tuple[str, ...]:
+        return tuple(f.strip().lower() for f in self.formats.split(",") if f.strip())
+
+
+def _coerce(name: str, raw: str, type_name: Any) -> Any:
+    type_name = str(type_name)
+    try:
+        if type_name == "bool":
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(raw)
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {type_name}") from None
+    return raw
