@@ -1,0 +1,281 @@
+"""The decoding loop: greedy (or temperature) decoding with timestamp tokens, for a batch of windows.
+
+One loop for every device: it talks to the model only through :class:`~batch_job.inference.Inference`
+(``logits(tokens [B, 1], position) -> [B, V]``), so CPU, CUDA and Neuron differ only in how the
+graphs behind it were compiled. Every step has the same tensor shapes; rows stop independently
+(a finished row keeps feeding ``<|endoftext|>`` and its outputs are ignored).
+
+Logit rules are small :class:`LogitFilter` classes, vectorised over the batch (no per-row Python
+loop per step), following openai/whisper's ``decoding.py``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from batch_job.inference import Inference
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids of one tokenizer (tiny.en's are one lower than the multilingual models')."""
+
+    sot: int
+    eot: int
+    no_timestamps: int
+    timestamp_begin: int
+    no_speech: int | None
+    transcribe: int | None
+    translate: int | None
+    languages: dict[str, int] = field(default_factory=dict)
+    suppress: tuple[int, ...] = ()
+    """Ids never sampled (non-speech symbols), from the generation config."""
+    begin_suppress: tuple[int, ...] = ()
+    """Ids not allowed as the first text token (blank, ``<|endoftext|>``)."""
+
+    @property
+    def is_multilingual(self) -> bool:
+        return bool(self.languages)
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to decode one batch. Frozen: a fallback pass is a :func:`dataclasses.replace` away."""
+
+    task: str = "transcribe"
+    language: str | None = None
+    """Language code; ``None`` detects it per window (multilingual models only)."""
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples (used by the repetition/low-confidence fallback)."""
+    max_new_tokens: int = 224
+    without_timestamps: bool = False
+    max_initial_timestamp: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DecodingResult:
+    """Decoded tokens of one window (prompt excluded) and the figures the guards need."""
+
+    tokens: tuple[int, ...]
+    language: str
+    avg_logprob: float
+    no_speech_prob: float
+    temperature: float
+    truncated: bool
+    """True when the row hit ``max_new_tokens`` before ``<|endoftext|>``."""
+
+
+class LogitFilter(Protocol):
+    def apply(self, logits: Tensor, state: "DecodeState") -> None:
+        """Mask ``logits [B, V]`` in place (set forbidden ids to ``-inf``)."""
+        ...
+
+
+@dataclass
+class DecodeState:
+    """Per-row history the filters read, as tensors (``[B]`` each)."""
+
+    step: int  # tokens generated so far (same for every row)
+    last: Tensor  # last generated token, -1 before the first
+    penultimate: Tensor  # the one before, -1 when absent
+    last_timestamp: Tensor  # last timestamp token generated, -1 when none
+
+
+class SuppressTokens:
+    """Never emit the given ids (non-speech symbols, ``<|notimestamps|>`` in timestamp mode)."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+    def apply(self, logits: Tensor, state: DecodeState) -> None:
+        if self.ids.numel():
+            logits.index_fill_(1, self.ids.to(logits.device), float("-inf"))
+
+
+class SuppressBlank:
+    """At the first generated text position, forbid a blank or an immediate end of text."""
+
+    def __init__(self, ids: Sequence[int], first_step: int) -> None:
+        self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long)
+        self.first_step = first_step
+
+    def apply(self, logits: Tensor, state: DecodeState) -> None:
+        if state.step == self.first_step and self.ids.numel():
+            logits.index_fill_(1, self.ids.to(logits.device), float("-inf"))
+
+
+class ApplyTimestampRules:
+    """Whisper's timestamp grammar, vectorised over rows.
+
+    Timestamps come in pairs (end, start) except right before ``<|endoftext|>``; they never
+    decrease; the first token is a timestamp no later than ``max_initial_timestamp``; and when the
+    total probability of all timestamps beats every single text token, a timestamp is forced.
+    """
+
+    def __init__(self, tokens: SpecialTokens, max_initial_timestamp_index: int | None) -> None:
+        self.tb = tokens.timestamp_begin
+        self.eot = tokens.eot
+        self.max_initial = max_initial_timestamp_index
+
+    def apply(self, logits: Tensor, state: DecodeState) -> None:
+        vocab = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)  # [1, V]
+        neg_inf = float("-inf")
+        if state.step == 0:
+            logits[:, : self.tb] = neg_inf  # the first token must be a timestamp
+            if self.max_initial is not None:
+                logits[:, self.tb + self.max_initial + 1 :] = neg_inf
+        else:
+            last_ts = state.last >= self.tb
+            penult_ts = (state.penultimate >= self.tb) | (state.step < 2)
+            pair_done = (last_ts & penult_ts).unsqueeze(1)  # after a pair: text (or eot) must follow
+            need_close = (last_ts & ~penult_ts).unsqueeze(1)  # after text + ts: ts or eot
+            logits.masked_fill_(pair_done & (vocab >= self.tb), neg_inf)
+            logits.masked_fill_(need_close & (vocab < self.eot), neg_inf)
+            # Non-decreasing timestamps: forbid [tb, floor) where floor is the last timestamp
+            # (+1 unless it may be repeated to close the pair).
+            has_ts = state.last_timestamp >= 0
+            floor = torch.where(last_ts & ~penult_ts, state.last_timestamp, state.last_timestamp + 1)
+            forbid = has_ts.unsqueeze(1) & (vocab >= self.tb) & (vocab < floor.unsqueeze(1))
+            logits.masked_fill_(forbid, neg_inf)
+        # If timestamps as a whole are likelier than any text token, force a timestamp.
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        ts_mass = torch.logsumexp(logprobs[:, self.tb :], dim=-1)
+        text_best = logprobs[:, : self.tb].max(dim=-1).values
+        force = (ts_mass > text_best).unsqueeze(1)
+        logits.masked_fill_(force & (vocab < self.tb), neg_inf)
+
+
+def build_prompt(tokens: SpecialTokens, options: DecodingOptions, languages: Sequence[str]) -> Tensor:
+    """Prompt ids ``[B, P]``: ``<|sot|>`` (+ language + task for multilingual) (+ ``<|notimestamps|>``)."""
+    rows = []
+    for lang in languages:
+        row = [tokens.sot]
+        if tokens.is_multilingual:
+            row.append(tokens.languages[lang])
+            row.append(tokens.translate if options.task == "translate" else tokens.transcribe)
+        if options.without_timestamps:
+            row.append(tokens.no_timestamps)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def compression_ratio(text: str) -> float:
+    """gzip compression ratio of ``text``: > ~2.4 means a repetition loop."""
+    raw = text.encode("utf-8")
+    return len(raw) / max(1, len(zlib.compress(raw))) if raw else 0.0
+
+
+def decode_batch(
+    inference: Inference,
+    tokens: SpecialTokens,
+    options: DecodingOptions,
+    *,
+    n_rows: int,
+    batch_size: int,
+    languages: Sequence[str | None] | None = None,
+    temperatures: Sequence[float] | None = None,
+) -> list[DecodingResult]:
+    """Decode the batch that ``inference`` was just started on; return the first ``n_rows`` results.
+
+    Rows ``n_rows..batch_size-1`` are padding: they run (fixed shapes) but start finished.
+    ``languages`` gives a per-row language (``None`` = detect); defaults to ``options.language``.
+    ``temperatures`` gives a per-row temperature (0 = greedy); defaults to ``options.temperature``.
+    Uses ``max_new_tokens + prompt length`` cache slots, which must fit the inference's cache.
+    """
+    device = torch.device("cpu")
+    B = batch_size
+    langs_in: list[str | None] = list(languages) if languages is not None else [options.language] * n_rows
+    langs_in += [langs_in[0] if langs_in else None] * (B - len(langs_in))
+
+    # ---- step 0: <|startoftranscript|> -> language detection and no-speech probability
+    sot = torch.full((B, 1), tokens.sot, dtype=torch.long)
+    first_logits = inference.logits(sot, 0).to(device).float()
+    probs = torch.softmax(first_logits, dim=-1)
+    no_speech = probs[:, tokens.no_speech] if tokens.no_speech is not None else torch.zeros(B)
+    languages_out = _pick_languages(first_logits, tokens, langs_in)
+
+    prompt = build_prompt(tokens, options, languages_out)  # [B, P]
+    P = prompt.shape[1]
+    logits = first_logits
+    for p in range(1, P):
+        logits = inference.logits(prompt[:, p : p + 1], p).to(device).float()
+
+    filters: list[LogitFilter] = [SuppressBlank(tokens.begin_suppress, first_step=0)]
+    suppress = list(tokens.suppress)
+    if not options.without_timestamps:
+        suppress.append(tokens.no_timestamps)
+    filters.insert(0, SuppressTokens(suppress))
+    if not options.without_timestamps:
+        max_initial = None
+        if options.max_initial_timestamp is not None:
+            max_initial = round(options.max_initial_timestamp / 0.02)
+        filters.append(ApplyTimestampRules(tokens, max_initial))
+
+    temps = torch.tensor(list(temperatures) if temperatures is not None else [options.temperature] * n_rows, dtype=torch.float32)
+    temps = torch.cat([temps, torch.zeros(B - n_rows)])
+    sampling = temps > 0
+    generator = torch.Generator().manual_seed(options.seed) if bool(sampling.any()) else None
+    finished = torch.zeros(B, dtype=torch.bool)
+    finished[n_rows:] = True
+    sum_logprob = torch.zeros(B)
+    n_tokens = torch.zeros(B, dtype=torch.long)
+    minus_one = torch.full((B,), -1, dtype=torch.long)
+    state = DecodeState(step=0, last=minus_one, penultimate=minus_one, last_timestamp=minus_one)
+    out: list[Tensor] = []
+    for step in range(options.max_new_tokens):
+        state.step = step
+        for f in filters:
+            f.apply(logits, state)
+        nxt = logits.argmax(dim=-1)
+        if generator is not None:
+            scaled = torch.softmax(logits / temps.clamp(min=1e-4).unsqueeze(1), dim=-1)
+            sampled = torch.multinomial(scaled, 1, generator=generator).squeeze(1)
+            nxt = torch.where(sampling, sampled, nxt)
+        logprob = torch.log_softmax(logits, dim=-1).gather(1, nxt.unsqueeze(1)).squeeze(1)
+        active = ~finished
+        sum_logprob += torch.where(active, logprob, torch.zeros_like(logprob))
+        n_tokens += active.long()
+        nxt = torch.where(finished, torch.full_like(nxt, tokens.eot), nxt)
+        out.append(nxt)
+        finished |= nxt == tokens.eot
+        state.penultimate = state.last
+        state.last = nxt
+        state.last_timestamp = torch.where(nxt >= tokens.timestamp_begin, nxt, state.last_timestamp)
+        if bool(finished.all()) or step == options.max_new_tokens - 1:
+            break
+        logits = inference.logits(nxt.unsqueeze(1), P + step).to(device).float()
+
+    generated = torch.stack(out, dim=1) if out else torch.empty(B, 0, dtype=torch.long)  # [B, steps]
+    results = []
+    for r in range(n_rows):
+        row = generated[r].tolist()
+        truncated = tokens.eot not in row
+        if not truncated:
+            row = row[: row.index(tokens.eot)]
+        results.append(
+            DecodingResult(
+                tokens=tuple(row),
+                language=languages_out[r],
+                avg_logprob=float(sum_logprob[r] / max(1, int(n_tokens[r]))),
+                no_speech_prob=float(no_speech[r]),
+                temperature=float(temps[r]),
+                truncated=truncated,
+            )
+        )
+    return results
+
+
+def _pick_languages(first_logits: Tensor, tokens: SpecialTokens, requested: Sequence[str | None]) -> list[str]:
+    """Per-row language: the requested one, or the likeliest language token after ``<|sot|>``."""
+    if not tokens.is_multilingual:
+        return ["en"] * len(requested)
+    codes = list(tokens.languages)
+    ids = torch.tensor([tokens.languages[c] for c in codes])
+    best = first_logits.index_select(1, ids).argmax(dim=-1).tolist()
+    return [req if req is not None else codes[b] for req, b in zip(requested, best)]

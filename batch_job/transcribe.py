@@ -1,0 +1,351 @@
+"""Files in, :class:`~batch_job.result.Transcript` out: windows, batches, guards and segments.
+
+The flow for every file: decode audio (:mod:`batch_job.audio`) -> cut into <= 30 s windows at
+pauses (:mod:`batch_job.segment`) -> queue the windows. A scheduler fills fixed-size batches from
+the queue (across files, longest windows together), runs the encoder once per batch and the
+decoding loop (:mod:`batch_job.decoding`) over the static KV cache, then per window:
+
+* turns timestamp tokens into segments on the file's timeline;
+* re-queues the unconsumed tail of a window when decoding stopped at a segment boundary before
+  the window's end (openai/whisper's "seek", done batch-wise);
+* re-queues a window at a higher temperature when its text loops (gzip compression ratio above
+  the threshold) or its average log-probability is too low, keeping the best attempt;
+* drops windows the model judges to hold no speech (no "Thank you." on silence).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from batch_job.decoding import DecodingOptions, DecodingResult, SpecialTokens, compression_ratio
+from batch_job.result import Segment, Transcript
+from batch_job.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+WINDOW_SAMPLES = 30 * SAMPLE_RATE
+SECONDS_PER_TIMESTAMP = 0.02
+NO_SPACE_LANGUAGES = frozenset({"ja", "zh", "yue", "th", "lo", "my"})
+
+
+@dataclass(frozen=True)
+class Guards:
+    """Thresholds of Whisper's failure-mode guards (openai/whisper's defaults)."""
+
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    compression_ratio_threshold: float = 2.4
+    logprob_threshold: float = -1.0
+    no_speech_threshold: float = 0.6
+    min_tail_seconds: float = 1.0
+    """A window's undecoded tail shorter than this is not re-queued."""
+    max_continuations: int = 4
+
+
+@dataclass
+class _Task:
+    """One window (or the tail of one) waiting to be decoded."""
+
+    file: int
+    start: int  # samples, file timeline
+    end: int
+    attempt: int = 0  # index into Guards.temperatures
+    continuation: int = 0
+    best: tuple[DecodingResult, float] | None = None  # best failed attempt and its compression ratio
+
+    @property
+    def samples(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class _FileState:
+    name: str
+    audio: np.ndarray
+    pending: int = 0
+    segments: list[tuple[float, float, str, int]] = field(default_factory=list)  # start, end, text, first token
+    languages: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """Outcome for one input of :meth:`Transcriber.transcribe_many`: a transcript or an error."""
+
+    name: str
+    transcript: Transcript | None
+    error: BaseException | None
+
+
+class Transcriber:
+    """A loaded model ready to transcribe; load once, call many times."""
+
+    def __init__(self, engine: "Engine", settings: Settings, guards: Guards | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.guards = guards or Guards()
+        self.model_name = engine.model_name
+        self.load_seconds = engine.load_seconds
+
+    @classmethod
+    def load(cls, settings: Settings) -> "Transcriber":
+        """Load the model named by ``settings.model`` on ``settings.device`` (compiled graphs too)."""
+        from batch_job.engine import Engine
+
+        return cls(Engine.load(settings), settings)
+
+    # ------------------------------------------------------------------ public API
+    def transcribe(
+        self,
+        audio: np.ndarray | str | Path,
+        *,
+        language: str | None = None,
+        task: str = "transcribe",
+        progress: bool = False,
+        on_window: Callable[[int, int], None] | None = None,
+    ) -> Transcript:
+        """Transcribe one file (path) or one 16 kHz mono float32 array. Raises AudioError on bad input."""
+        name = str(audio) if not isinstance(audio, np.ndarray) else "<array>"
+        (result,) = list(self.transcribe_many([(name, audio)], language=language, task=task, progress=progress, on_window=on_window))
+        if result.error is not None:
+            raise result.error
+        assert result.transcript is not None
+        return result.transcript
+
+    def transcribe_many(
+        self,
+        inputs: Iterable[tuple[str, np.ndarray | str | Path]],
+        *,
+        language: str | None = None,
+        task: str = "transcribe",
+        progress: bool = False,
+        on_window: Callable[[int, int], None] | None = None,
+    ) -> Iterator[FileResult]:
+        """Transcribe many inputs, batching windows ACROSS files; yields each file when it is done.
+
+        Bad files yield a :class:`FileResult` with ``error`` set and never stop the others.
+        Audio is loaded lazily, only as far ahead as needed to fill batches.
+        """
+        from batch_job.audio import load_audio
+        from batch_job.segment import split_at_pauses
+
+        if task not in ("transcribe", "translate"):
+            raise ValueError(f"task must be 'transcribe' or 'translate', not {task!r}")
+        if task == "translate" and not self.engine.tokens.is_multilingual:
+            raise ValueError(f"model {self.model_name} is English-only: it cannot translate")
+        if language is not None:
+            language = self.engine.check_language(language)
+        options = DecodingOptions(task=task, language=language, max_new_tokens=self.engine.max_new_tokens)
+        batch = self.engine.max_batch
+        files: dict[int, _FileState] = {}
+        queue: list[_Task] = []
+        source = iter(enumerate(inputs))
+        exhausted = False
+        done_windows = total_windows = 0
+        bar = _progress_bar(progress)
+
+        def admit() -> Iterator[FileResult]:
+            nonlocal exhausted, total_windows
+            while not exhausted and len(queue) < batch:
+                try:
+                    idx, (name, item) = next(source)
+                except StopIteration:
+                    exhausted = True
+                    return
+                state = _FileState(name=name, audio=np.zeros(0, np.float32))
+                try:
+                    t0 = time.perf_counter()
+                    audio = item if isinstance(item, np.ndarray) else load_audio(item, max_seconds=self.settings.max_audio_seconds)
+                    state.audio = np.ascontiguousarray(audio, dtype=np.float32)
+                    t1 = time.perf_counter()
+                    windows = split_at_pauses(state.audio, sample_rate=SAMPLE_RATE)
+                    state.timings["decode_audio"] += t1 - t0
+                    state.timings["segment"] += time.perf_counter() - t1
+                except Exception as exc:  # one bad file never stops the others
+                    yield FileResult(name, None, exc)
+                    continue
+                files[idx] = state
+                for w in windows:
+                    queue.append(_Task(idx, w.start, w.end))
+                state.pending = len(windows)
+                total_windows += len(windows)
+                bar.total = total_windows
+                bar.refresh()
+                if not windows:
+                    yield self._finish(files.pop(idx), options)
+
+        yield from admit()
+        while queue:
+            # Longest first: rows of a batch then need similar numbers of decoder steps.
+            queue.sort(key=lambda t: t.samples, reverse=True)
+            tasks, queue[:] = queue[:batch], queue[batch:]
+            results = self._decode(tasks, files, options)
+            for task_, result in zip(tasks, results):
+                state = files[task_.file]
+                follow_up = self._accept(task_, result, state)
+                if follow_up is not None:
+                    queue.append(follow_up)
+                    if follow_up.attempt == 0:  # a tail is a new window; a retry is the same one
+                        total_windows += 1
+                        bar.total = total_windows
+                    continue
+                done_windows += 1
+                bar.update(1)
+                state.pending -= 1
+                if on_window is not None:
+                    on_window(done_windows, total_windows)
+            for idx in [i for i, s in files.items() if s.pending == 0]:
+                yield self._finish(files.pop(idx), options)
+            yield from admit()
+        bar.close()
+        for idx in list(files):
+            yield self._finish(files.pop(idx), options)
+
+    # ------------------------------------------------------------------ internals
+    def _decode(self, tasks: Sequence[_Task], files: dict[int, _FileState], options: DecodingOptions) -> list[DecodingResult]:
+        rows = []
+        for t in tasks:
+            rows.append(files[t.file].audio[t.start : t.end])
+        temps = [self.guards.temperatures[t.attempt] for t in tasks]
+        results, timings = self.engine.decode(rows, options, temperatures=temps)
+        share = 1.0 / len(tasks)
+        for t in tasks:
+            for k, v in timings.items():
+                files[t.file].timings[k] += v * share
+        return results
+
+    def _accept(self, task: _Task, result: DecodingResult, state: _FileState) -> _Task | None:
+        """Record a window's result; return a follow-up task (retry or tail) or None when done."""
+        g = self.guards
+        text = self.engine.text(result.tokens)
+        ratio = compression_ratio(text)
+        no_speech = result.no_speech_prob > g.no_speech_threshold and result.avg_logprob < g.logprob_threshold
+        if no_speech:
+            return None
+        failed = ratio > g.compression_ratio_threshold or result.avg_logprob < g.logprob_threshold
+        if failed and task.attempt + 1 < len(g.temperatures):
+            best = task.best
+            if best is None or ratio < best[1]:
+                best = (result, ratio)
+            return replace(task, attempt=task.attempt + 1, best=best)
+        if failed and task.best is not None and task.best[1] < ratio:
+            result, ratio = task.best
+        segments, consumed = self._segments(result, task)
+        if ratio > g.compression_ratio_threshold:
+            segments = _drop_repeats(segments)
+        state.segments.extend(segments)
+        state.languages.append(result.language)
+        tail = task.end - consumed
+        if (
+            consumed > task.start
+            and tail >= g.min_tail_seconds * SAMPLE_RATE
+            and task.continuation < g.max_continuations
+        ):
+            state.pending += 1
+            return _Task(task.file, consumed, task.end, continuation=task.continuation + 1)
+        return None
+
+    def _segments(self, result: DecodingResult, task: _Task) -> tuple[list[tuple[float, float, str, int]], int]:
+        """Timestamp tokens -> segments in file seconds; also the sample up to which the window is consumed."""
+        tb = self.engine.tokens.timestamp_begin
+        toks = list(result.tokens)
+        offset = task.start / SAMPLE_RATE
+        window_s = task.samples / SAMPLE_RATE
+        is_ts = [t >= tb for t in toks]
+        boundaries = [i for i in range(1, len(toks)) if is_ts[i] and is_ts[i - 1]]
+        single_ending = len(toks) >= 2 and is_ts[-1] and not is_ts[-2]
+        out: list[tuple[float, float, str, int]] = []
+
+        def add(piece: list[int], start_s: float, end_s: float) -> None:
+            text = self.engine.text(piece).strip()
+            if text:
+                start_s = min(max(start_s, 0.0), window_s)
+                end_s = min(max(end_s, start_s), window_s)
+                out.append((offset + start_s, offset + end_s, text, task.start))
+
+        if boundaries:
+            cuts = boundaries + ([len(toks)] if single_ending else [])
+            last = 0
+            for cut in cuts:
+                piece = toks[last:cut]
+                add(piece, (piece[0] - tb) * SECONDS_PER_TIMESTAMP, (piece[-1] - tb) * SECONDS_PER_TIMESTAMP)
+                last = cut
+            if single_ending:
+                return out, task.end
+            # Decoding stopped at a segment boundary (or ran out of tokens mid-segment): the
+            # window is consumed up to the last complete segment; the tail gets decoded again.
+            seek = (toks[last - 1] - tb) * SECONDS_PER_TIMESTAMP
+            return out, task.start + int(round(min(seek, window_s) * SAMPLE_RATE))
+        stamps = [t for t in toks if t >= tb]
+        end_s = window_s
+        if stamps and stamps[-1] != tb:
+            end_s = (stamps[-1] - tb) * SECONDS_PER_TIMESTAMP
+        start_s = (stamps[0] - tb) * SECONDS_PER_TIMESTAMP if stamps else 0.0
+        add(toks, start_s, end_s)
+        return out, task.end
+
+    def _finish(self, state: _FileState, options: DecodingOptions) -> FileResult:
+        duration = len(state.audio) / SAMPLE_RATE
+        ordered = sorted(state.segments, key=lambda s: (s[0], s[3]))
+        segments: list[Segment] = []
+        for start, end, text, _ in ordered:
+            start = round(min(max(start, segments[-1].end if segments else 0.0), duration), 3)
+            end = round(min(max(end, start), duration), 3)
+            segments.append(Segment(start=start, end=end, text=text))
+        language = options.language or (max(set(state.languages), key=state.languages.count) if state.languages else "en")
+        joiner = "" if language in NO_SPACE_LANGUAGES else " "
+        transcript = Transcript(
+            text=joiner.join(s.text for s in segments),
+            language=language,
+            duration=round(duration, 3),
+            segments=tuple(segments),
+            model=self.model_name,
+            task=options.task,
+            timings={k: round(v, 4) for k, v in state.timings.items()},
+        )
+        return FileResult(state.name, transcript, None)
+
+
+def _drop_repeats(segments: list[tuple[float, float, str, int]]) -> list[tuple[float, float, str, int]]:
+    """Cut a repetition loop: keep the first of consecutive segments with the same text."""
+    out: list[tuple[float, float, str, int]] = []
+    for seg in segments:
+        if out and out[-1][2].lower() == seg[2].lower():
+            continue
+        out.append(seg)
+    return out
+
+
+class _NullBar:
+    total = 0
+
+    def update(self, n: int = 1) -> None: ...
+
+    def refresh(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=0, unit="window", desc="transcribing", dynamic_ncols=True, leave=False)
+
+
+def default_threads() -> int:
+    """Cores this process may use (cgroup/affinity aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)

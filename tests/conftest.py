@@ -1,0 +1,42 @@
+"""Shared fixtures: the real speech in ../shared/audio and the packaged Whisper models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
+
+
+def shared_clip(name: str) -> Path:
+    """Path of a clip in ../shared/audio; skips the test when the folder is absent."""
+    path = SHARED_AUDIO / name
+    if not path.exists():
+        pytest.skip(f"shared audio not available: {path}")
+    return path
+
+
+def reference_text(name: str) -> str:
+    """Reference transcript of a shared clip (its sibling .txt)."""
+    return shared_clip(name).with_suffix(".txt").read_text(encoding="utf-8").strip()
+
+
+@pytest.fixture(scope="session")
+def shared_manifest() -> list[dict]:
+    path = SHARED_AUDIO / "manifest.jsonl"
+    if not path.exists():
+        pytest.skip("shared audio manifest not available")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory) -> Path:
+    """One converted-model cache for the whole session (conversion runs once)."""
+    env = os.environ.get("WHISPER_BATCH_TEST_CACHE")
+    if env:
+        return Path(env)
+    return tmp_path_factory.mktemp("model-cache")
