@@ -1,0 +1,251 @@
+"""Cut long audio into windows of at most 30 s at pauses, keeping the file's timeline.
+
+One cheap numpy pass computes the log energy of 10 ms frames. A frame is *active* (probably
+speech) when it is ``margin_db`` above an adaptive noise floor (a low percentile of the frame
+energies in ~30 s blocks, the minimum over neighbouring blocks) and above an absolute floor.
+Active frames closer than ``min_silence_s`` are merged into speech spans, padded by ``pad_s``;
+spans that hold too little active audio are dropped. Silence longer than ``min_silence_s``
+between spans is never windowed: decoding it costs compute and makes Whisper hallucinate
+("Thank you."). Spans longer than a window are cut at the quietest point near the window end:
+the middle of the latest real pause in ``[min_window_s, target_seconds]`` after the window start,
+else the quietest frame before ``max_seconds``. Windows never exceed ``max_seconds``.
+
+Windows are contiguous ``[start, end)`` sample ranges of the input array, sorted and
+non-overlapping, so timestamps inside a window map back to the file by adding ``start_s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from batch_job.audio import SAMPLE_RATE
+
+FRAME_SECONDS = 0.01
+"""Energy frame length and hop (10 ms, non-overlapping)."""
+
+_EPS = 1e-10  # energy floor: -100 dBFS for digital silence
+
+
+@dataclass(frozen=True)
+class Window:
+    """A stretch ``[start, end)`` of the input, in samples of the FILE timeline.
+
+    ``speech_ratio`` (not part of equality) is the fraction of its 10 ms frames judged active
+    against the file's noise floor: 0 for silence, typically 0.3–0.9 for speech.
+    """
+
+    start: int
+    end: int
+    sample_rate: int = field(default=SAMPLE_RATE, compare=False)
+    speech_ratio: float = field(default=1.0, compare=False)
+
+    @property
+    def start_s(self) -> float:
+        """Start time in seconds from the beginning of the file."""
+        return self.start / self.sample_rate
+
+    @property
+    def end_s(self) -> float:
+        """End time (exclusive) in seconds from the beginning of the file."""
+        return self.end / self.sample_rate
+
+    @property
+    def duration_s(self) -> float:
+        """Length in seconds."""
+        return (self.end - self.start) / self.sample_rate
+
+    def slice(self, audio: np.ndarray) -> np.ndarray:
+        """This window's samples of ``audio`` (a view, no copy)."""
+        return audio[self.start : self.end]
+
+
+@dataclass(frozen=True)
+class _Params:
+    frame: int  # samples per energy frame
+    margin_db: float
+    abs_floor_db: float
+    min_silence: int  # frames
+    pad: int  # frames
+    min_speech: int  # frames
+    max_len: int  # frames
+    target_len: int  # frames
+    min_window: int  # frames
+    smooth: int  # frames
+
+
+def split_at_pauses(
+    audio: np.ndarray,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float = 30.0,
+    target_seconds: float = 28.0,
+    min_window_seconds: float = 12.0,
+    min_silence_s: float = 1.5,
+    pad_s: float = 0.2,
+    min_speech_s: float = 0.1,
+    margin_db: float = 10.0,
+    abs_floor_db: float = -60.0,
+) -> list[Window]:
+    """Windows of at most ``max_seconds`` covering the speech in ``audio``, cut at pauses.
+
+    Args:
+        audio: 1-D float array of shape ``(n_samples,)``, full scale ±1, at ``sample_rate`` Hz.
+        sample_rate: Hz.
+        max_seconds: hard upper bound on a window's length (Whisper's 30 s context).
+        target_seconds: preferred latest cut when a real pause is available (≤ ``max_seconds``).
+        min_window_seconds: a long span is not cut earlier than this after a window's start.
+        min_silence_s: silences longer than this between speech are skipped (not windowed).
+        pad_s: audio kept before and after each stretch of speech.
+        min_speech_s: a span with less active audio than this is dropped (clicks, breaths).
+        margin_db: how far above the adaptive noise floor a frame must be to count as active.
+        abs_floor_db: frames quieter than this (dBFS) are never active.
+
+    Returns:
+        Sorted, non-overlapping windows (sample indices into ``audio``); empty for silence,
+        stationary noise or audio too short/quiet to hold speech.
+    """
+    if audio.ndim != 1:
+        raise ValueError(f"audio must be 1-D, got shape {audio.shape}")
+    if not 0 < target_seconds <= max_seconds or min_window_seconds >= target_seconds:
+        raise ValueError("need 0 < min_window_seconds < target_seconds <= max_seconds")
+    frame = max(1, int(round(FRAME_SECONDS * sample_rate)))
+
+    def to_frames(seconds: float) -> int:
+        return max(1, int(round(seconds * sample_rate / frame)))
+
+    prm = _Params(
+        frame=frame,
+        margin_db=margin_db,
+        abs_floor_db=abs_floor_db,
+        min_silence=to_frames(min_silence_s),
+        pad=int(round(pad_s * sample_rate / frame)),
+        min_speech=to_frames(min_speech_s),
+        max_len=int(max_seconds * sample_rate) // frame,  # floor: never exceed max in samples
+        target_len=to_frames(target_seconds),
+        min_window=to_frames(min_window_seconds),
+        smooth=to_frames(0.1),
+    )
+    if len(audio) < frame:
+        return []
+    db = frame_energy_db(audio, frame)
+    active = db > _threshold_db(db, prm)
+    spans = _speech_spans(active, prm)
+    windows: list[Window] = []
+    n_samples = len(audio)
+    for a, b in spans:
+        for wa, wb in _cut_span(a, b, db, active, prm):
+            start, end = wa * frame, min(wb * frame, n_samples)
+            ratio = float(active[wa:wb].mean()) if wb > wa else 0.0
+            if end > start:
+                windows.append(Window(start, end, sample_rate, ratio))
+    return windows
+
+
+def speech_ratio(
+    audio_window: np.ndarray,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    margin_db: float = 10.0,
+    abs_floor_db: float = -60.0,
+) -> float:
+    """Fraction in ``[0, 1]`` of the 10 ms frames of ``audio_window`` that look like speech.
+
+    Self-contained (the floor is this window's own 10th-percentile energy), so it is a weaker
+    figure than :attr:`Window.speech_ratio`, which uses the whole file's noise floor. Digital
+    silence and stationary noise give ~0; speech typically gives 0.3–0.9.
+    """
+    frame = max(1, int(round(FRAME_SECONDS * sample_rate)))
+    if audio_window.ndim != 1 or len(audio_window) < frame:
+        return 0.0
+    db = frame_energy_db(audio_window, frame)
+    floor = float(np.percentile(db, 10))
+    return float(np.mean(db > max(floor + margin_db, abs_floor_db)))
+
+
+def frame_energy_db(audio: np.ndarray, frame: int) -> np.ndarray:
+    """Mean-square energy in dBFS of consecutive ``frame``-sample frames; shape ``(ceil(n/frame),)``."""
+    n_full = len(audio) // frame
+    full = np.ascontiguousarray(audio[: n_full * frame]).reshape(n_full, frame)
+    energy = np.einsum("ij,ij->i", full, full, dtype=np.float64) / frame
+    tail = audio[n_full * frame :]
+    if len(tail):
+        energy = np.append(energy, np.dot(tail.astype(np.float64), tail) / len(tail))
+    return (10.0 * np.log10(energy + _EPS)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- internals
+
+_BLOCK_FRAMES = 3000  # 30 s of 10 ms frames per noise-floor block
+_FLOOR_PERCENTILE = 5.0
+
+
+def _threshold_db(db: np.ndarray, prm: _Params) -> np.ndarray:
+    """Per-frame activity threshold: adaptive noise floor + margin, never below the absolute floor."""
+    n = len(db)
+    n_blocks = -(-n // _BLOCK_FRAMES)
+    padded = np.full(n_blocks * _BLOCK_FRAMES, np.nan, dtype=np.float32)
+    padded[:n] = db
+    floors = np.nanpercentile(padded.reshape(n_blocks, _BLOCK_FRAMES), _FLOOR_PERCENTILE, axis=1)
+    # min over neighbouring blocks: a block that is all speech borrows its neighbours' floor
+    neighbour = floors.copy()
+    neighbour[1:] = np.minimum(neighbour[1:], floors[:-1])
+    neighbour[:-1] = np.minimum(neighbour[:-1], floors[1:])
+    per_frame = np.repeat(neighbour, _BLOCK_FRAMES)[:n]
+    return np.maximum(per_frame + prm.margin_db, prm.abs_floor_db).astype(np.float32)
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) indices of the runs of True in a 1-D bool array."""
+    d = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+
+
+def _speech_spans(active: np.ndarray, prm: _Params) -> list[tuple[int, int]]:
+    """Padded frame spans of speech: active runs merged across gaps < min_silence."""
+    starts, ends = _runs(active)
+    if len(starts) == 0:
+        return []
+    gaps = starts[1:] - ends[:-1]
+    breaks = np.flatnonzero(gaps >= prm.min_silence)
+    span_starts = np.concatenate(([starts[0]], starts[breaks + 1]))
+    span_ends = np.concatenate((ends[breaks], [ends[-1]]))
+    csum = np.concatenate(([0], np.cumsum(active, dtype=np.int64)))
+    n = len(active)
+    spans = []
+    for a, b in zip(span_starts.tolist(), span_ends.tolist()):
+        if csum[b] - csum[a] < prm.min_speech:
+            continue
+        start = max(0, a - prm.pad, spans[-1][1] if spans else 0)
+        spans.append((start, min(n, b + prm.pad)))
+    return spans
+
+
+def _cut_span(a: int, b: int, db: np.ndarray, active: np.ndarray, prm: _Params) -> list[tuple[int, int]]:
+    """Split frame span ``[a, b)`` into pieces of at most ``max_len`` frames at quiet points."""
+    pieces = []
+    while b - a > prm.max_len:
+        cut = _find_cut(a, db, active, prm)
+        pieces.append((a, cut))
+        a = cut
+    pieces.append((a, b))
+    return pieces
+
+
+def _find_cut(a: int, db: np.ndarray, active: np.ndarray, prm: _Params) -> int:
+    """Frame index to end a window starting at ``a``: a late real pause, else the quietest frame."""
+    lo, hi = a + prm.min_window, a + prm.target_len
+    starts, ends = _runs(~active[lo:hi])
+    for min_pause in (3 * prm.smooth, prm.smooth):  # a clear pause (≥0.3 s), else a short one
+        ok = np.flatnonzero((ends - starts) >= min_pause)
+        if len(ok):
+            i = ok[-1]  # the latest: longest windows, fewest windows
+            return lo + int((starts[i] + ends[i]) // 2)
+    hi = a + prm.max_len
+    seg = db[lo:hi].astype(np.float64)
+    k = min(prm.smooth, len(seg))
+    smoothed = np.convolve(seg, np.ones(k) / k, mode="same")
+    best = float(smoothed.min())
+    near = np.flatnonzero(smoothed <= best + 1.0)
+    return lo + int(near[-1])
