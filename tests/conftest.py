@@ -40,3 +40,34 @@ def model_cache_dir(tmp_path_factory) -> Path:
     if env:
         return Path(env)
     return tmp_path_factory.mktemp("model-cache")
+
+
+def load_clip(name: str, seconds: float | None = None):
+    """A shared clip as 16 kHz mono float32 (through the product's own audio path)."""
+    from batch_job.audio import load_audio
+
+    audio = load_audio(shared_clip(name))
+    return audio if seconds is None else audio[: int(seconds * 16000)]
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(model_cache_dir):
+    from batch_job.settings import Settings
+
+    return Settings(model="tiny.en", cache_dir=str(model_cache_dir), device="cpu", batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_transcriber(tiny_settings):
+    """The default CPU engine (int8 decoder) on the packaged tiny.en weights."""
+    from batch_job.transcribe import Transcriber
+
+    return Transcriber.load(tiny_settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_fp32(tiny_settings):
+    """tiny.en with fp32 graphs everywhere: token-exact against transformers' generate."""
+    from batch_job.engine import Engine
+
+    return Engine.load(tiny_settings.replace(quantize_decoder=False))
