@@ -124,31 +124,32 @@ class ApplyTimestampRules:
         self.max_initial = max_initial_timestamp_index
 
     def apply(self, logits: Tensor, state: DecodeState) -> None:
-        vocab = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)  # [1, V]
+        # Work on slices ([B, n_timestamps] and [B, n_text]) rather than [B, V] masks: this runs
+        # every step, and the full-vocabulary comparisons cost more than the rule itself.
         neg_inf = float("-inf")
+        text, stamps = logits[:, : self.tb], logits[:, self.tb :]
         if state.step == 0:
-            logits[:, : self.tb] = neg_inf  # the first token must be a timestamp
+            text.fill_(neg_inf)  # the first token must be a timestamp
             if self.max_initial is not None:
-                logits[:, self.tb + self.max_initial + 1 :] = neg_inf
+                stamps[:, self.max_initial + 1 :] = neg_inf
         else:
             last_ts = state.last >= self.tb
             penult_ts = (state.penultimate >= self.tb) | (state.step < 2)
-            pair_done = (last_ts & penult_ts).unsqueeze(1)  # after a pair: text (or eot) must follow
-            need_close = (last_ts & ~penult_ts).unsqueeze(1)  # after text + ts: ts or eot
-            logits.masked_fill_(pair_done & (vocab >= self.tb), neg_inf)
-            logits.masked_fill_(need_close & (vocab < self.eot), neg_inf)
+            pair_done = last_ts & penult_ts  # after a pair: text (or eot) must follow
+            need_close = last_ts & ~penult_ts  # after text + ts: ts or eot
+            stamps.masked_fill_(pair_done.unsqueeze(1), neg_inf)
+            logits[:, : self.eot].masked_fill_(need_close.unsqueeze(1), neg_inf)
             # Non-decreasing timestamps: forbid [tb, floor) where floor is the last timestamp
             # (+1 unless it may be repeated to close the pair).
-            has_ts = state.last_timestamp >= 0
-            floor = torch.where(last_ts & ~penult_ts, state.last_timestamp, state.last_timestamp + 1)
-            forbid = has_ts.unsqueeze(1) & (vocab >= self.tb) & (vocab < floor.unsqueeze(1))
-            logits.masked_fill_(forbid, neg_inf)
+            floor = torch.where(need_close, state.last_timestamp, state.last_timestamp + 1) - self.tb
+            floor = torch.where(state.last_timestamp >= 0, floor, torch.zeros_like(floor))
+            index = torch.arange(stamps.shape[1], device=logits.device).unsqueeze(0)
+            stamps.masked_fill_(index < floor.unsqueeze(1), neg_inf)
         # If timestamps as a whole are likelier than any text token, force a timestamp.
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1)
         ts_mass = torch.logsumexp(logprobs[:, self.tb :], dim=-1)
         text_best = logprobs[:, : self.tb].max(dim=-1).values
-        force = (ts_mass > text_best).unsqueeze(1)
-        logits.masked_fill_(force & (vocab < self.tb), neg_inf)
+        text.masked_fill_((ts_mass > text_best).unsqueeze(1), neg_inf)
 
 
 def build_prompt(tokens: SpecialTokens, options: DecodingOptions, languages: Sequence[str]) -> Tensor:
@@ -237,7 +238,7 @@ def decode_batch(
             scaled = torch.softmax(logits / temps.clamp(min=1e-4).unsqueeze(1), dim=-1)
             sampled = torch.multinomial(scaled, 1, generator=generator).squeeze(1)
             nxt = torch.where(sampling, sampled, nxt)
-        logprob = torch.log_softmax(logits, dim=-1).gather(1, nxt.unsqueeze(1)).squeeze(1)
+        logprob = logits.gather(1, nxt.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
         active = ~finished
         sum_logprob += torch.where(active, logprob, torch.zeros_like(logprob))
         n_tokens += active.long()

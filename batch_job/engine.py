@@ -82,7 +82,7 @@ class Engine:
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.feature_extractor = loaded.feature_extractor
-        self.tokens = special_tokens(loaded.tokenizer, loaded.model.generation_config)
+        self.tokens = special_tokens(loaded)
         self.max_new_tokens = settings.max_new_tokens
         config = loaded.model.config
         self.cache_len = min(config.max_target_positions, self.max_new_tokens + PROMPT_SLOTS)
@@ -124,6 +124,7 @@ class Engine:
 
         from batch_job.models import load_model
 
+        _quiet_libraries()
         threads = settings.threads or _cores()
         torch.set_num_threads(threads)
         device = resolve_device(settings.device)
@@ -187,41 +188,36 @@ class Engine:
         return results, {"features": t1 - t0, "encode": t2 - t1, "decode": t3 - t2}
 
 
-def special_tokens(tokenizer, generation_config) -> SpecialTokens:
-    """Special token ids from a Whisper tokenizer + generation config (works for .en and multilingual)."""
-
-    def tid(token: str) -> int | None:
-        i = tokenizer.convert_tokens_to_ids(token)
-        missing = i is None or (i == tokenizer.unk_token_id and token != tokenizer.unk_token)
-        return None if missing else int(i)
-
-    sot = tid("<|startoftranscript|>")
-    eot = tid("<|endoftext|>")
-    no_ts = tid("<|notimestamps|>")
-    if None in (sot, eot, no_ts):
-        raise ModelError("tokenizer lacks Whisper special tokens (<|startoftranscript|>, <|notimestamps|>, ...)")
-    # Timestamp tokens follow <|notimestamps|> in every Whisper vocabulary (openai/whisper relies on
-    # it too); some tokenizer.json files omit them, so do not require the token strings.
-    ts0 = tid("<|0.00|>") or no_ts + 1
-    if ts0 != no_ts + 1:
-        raise ModelError(f"<|0.00|> has id {ts0}, expected {no_ts + 1} (right after <|notimestamps|>)")
-    no_speech = tid("<|nospeech|>") or tid("<|nocaptions|>")
-    lang_to_id = getattr(generation_config, "lang_to_id", None) or {}
-    languages = {tok.strip("<|>"): int(i) for tok, i in lang_to_id.items()}
-    suppress = tuple(int(t) for t in (getattr(generation_config, "suppress_tokens", None) or []))
-    begin = tuple(int(t) for t in (getattr(generation_config, "begin_suppress_tokens", None) or [eot]))
+def special_tokens(loaded) -> SpecialTokens:
+    """The decoding loop's token ids, from a :class:`~batch_job.models.LoadedModel` and its generation config."""
+    config = loaded.model.generation_config
+    suppress = tuple(int(t) for t in (getattr(config, "suppress_tokens", None) or []))
+    begin = tuple(int(t) for t in (getattr(config, "begin_suppress_tokens", None) or [loaded.eot]))
+    multilingual = bool(loaded.is_multilingual)
     return SpecialTokens(
-        sot=sot,
-        eot=eot,
-        no_timestamps=no_ts,
-        timestamp_begin=ts0,
-        no_speech=no_speech,
-        transcribe=tid("<|transcribe|>") if languages else None,
-        translate=tid("<|translate|>") if languages else None,
-        languages=languages,
+        sot=loaded.sot,
+        eot=loaded.eot,
+        no_timestamps=loaded.no_timestamps,
+        timestamp_begin=loaded.timestamp_begin,
+        no_speech=loaded.no_speech,
+        transcribe=loaded.transcribe if multilingual else None,
+        translate=loaded.translate if multilingual else None,
+        languages=dict(loaded.language_ids) if multilingual else {},
         suppress=suppress,
         begin_suppress=begin,
     )
+
+
+def _quiet_libraries() -> None:
+    """No weight-loading progress bars or deprecation chatter in job logs and CLI output."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=r".*quantiz.*deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*deprecated", category=DeprecationWarning)
 
 
 def _cores() -> int:
