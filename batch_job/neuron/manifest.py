@@ -1,0 +1,178 @@
+"""``manifest.json`` of a compiled-graphs directory: what was compiled, from what, with what.
+
+Written by ``whisper-batch compile`` next to the graphs; read and checked at job start by
+:func:`batch_job.neuron.runtime.load_compiled` so that graphs compiled for another model,
+another cache length, other shapes or another SDK are refused with a clear
+:class:`~batch_job.errors.ModelError` instead of failing deep inside the Neuron runtime.
+
+Layout (``format`` 1)::
+
+    {
+      "format": 1,
+      "backend": "neuron" | "jit",          # jit = torch.jit.trace on CPU (tests, no Neuron)
+      "model": {"id": "openai/whisper-large-v3", "checksum": "<sha256 of the weights>"},
+      "dtype": "float32",                   # graph input/output dtype (matmuls auto-cast, see flags)
+      "compiler_args": ["--model-type=transformer", ...],
+      "cpu_backend": true,
+      "inline_weights_to_neff": false,
+      "cache_len": 228,                     # static self-attention cache slots (prompt + tokens)
+      "max_new_tokens": 224,
+      "batch_sizes": [1, 8],
+      "graphs": {"8": {"encoder": {"file": "b8/encoder.pt", "inputs": {...}, "outputs": {...}},
+                       "step": {"file": "b8/step.pt", "inputs": {...}, "outputs": {...},
+                                "state": {...}, "aliases": {"self_k": 1, "self_v": 2}}}},
+      "versions": {"torch": "...", "torch-neuronx": "...", "neuronx-cc": "...",
+                   "transformers": "...", "whisper-batch": "..."},
+      "created": "2026-11-22T13:40:00Z"
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from batch_job.errors import ModelError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = 1
+
+#: Packages whose versions are recorded, and must match at load time.
+VERSIONED_PACKAGES = ("torch", "torch-neuronx", "neuronx-cc", "transformers", "whisper-batch")
+
+
+def package_versions(names: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution (``None`` when not installed). Never imports them."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_manifest(out_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
+    """Write ``out_dir/manifest.json`` atomically (written last: its presence marks a complete compile)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MANIFEST_NAME
+    tmp = out / f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(dict(manifest), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(compiled_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and structurally validate ``compiled_dir/manifest.json``; :class:`ModelError` otherwise."""
+    if not str(compiled_dir):
+        raise ModelError(
+            "device neuron needs compiled graphs: set WHISPER_BATCH_COMPILED_DIR to the output of "
+            "'whisper-batch compile' (the image bakes them in)"
+        )
+    root = Path(compiled_dir)
+    if not root.is_dir():
+        raise ModelError(f"compiled graphs directory {root} does not exist: run 'whisper-batch compile --out {root}'")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ModelError(
+            f"{path} is missing: {root} is not the output of a complete 'whisper-batch compile' "
+            f"(the manifest is written last)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelError(f"{path}: unknown manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r} (expected {FORMAT})")
+    missing = [k for k in ("backend", "model", "cache_len", "batch_sizes", "graphs", "versions") if k not in manifest]
+    if missing:
+        raise ModelError(f"{path}: manifest lacks {', '.join(missing)}")
+    for b in manifest["batch_sizes"]:
+        graphs = manifest["graphs"].get(str(b))
+        if not graphs or "encoder" not in graphs or "step" not in graphs:
+            raise ModelError(f"{path}: batch size {b} has no encoder/step graphs")
+    return manifest
+
+
+def check_manifest(
+    manifest: Mapping[str, Any],
+    *,
+    model_checksum: str,
+    cache_len: int,
+    batch_sizes: Sequence[int] | None = None,
+    versions: Mapping[str, str | None] | None = None,
+    shapes: Mapping[int, Mapping[str, Any]] | None = None,
+) -> None:
+    """Refuse graphs that do not fit the running engine, naming the first mismatch.
+
+    * ``model_checksum``: sha256 of the loaded weights (the graphs bake the compile-time weights in);
+    * ``cache_len``: the engine's static cache length (from ``max_new_tokens``);
+    * ``batch_sizes``: sizes the engine needs (``None`` = take whatever was compiled);
+    * ``versions``: running package versions; every key given must equal the compile-time one
+      (a NEFF is only guaranteed to load on the SDK that compiled it);
+    * ``shapes``: ``{batch: {"encoder": {"inputs": ...}, "step": {...}}}`` expected per graph
+      (see :func:`batch_job.neuron.compile.graph_shapes`); compared for every given batch size.
+    """
+    model = manifest.get("model") or {}
+    compiled_for = model.get("checksum")
+    if compiled_for != model_checksum:
+        raise ModelError(
+            f"compiled graphs are for model {model.get('id')!r} with weights sha256 {str(compiled_for)[:12]}..., "
+            f"but the loaded model's weights are {model_checksum[:12]}...: recompile with 'whisper-batch compile' "
+            f"for this model"
+        )
+    if int(manifest.get("cache_len", -1)) != int(cache_len):
+        raise ModelError(
+            f"compiled graphs have a static cache of {manifest.get('cache_len')} slots, the engine needs {cache_len} "
+            f"(max_new_tokens {manifest.get('max_new_tokens')} at compile time): set WHISPER_BATCH_MAX_NEW_TOKENS "
+            f"to the compiled value or recompile with --max-tokens"
+        )
+    compiled_sizes = sorted(int(b) for b in manifest.get("batch_sizes", []))
+    if batch_sizes is not None:
+        missing = sorted(set(int(b) for b in batch_sizes) - set(compiled_sizes))
+        if missing:
+            raise ModelError(
+                f"batch size(s) {missing} are not compiled (compiled: {compiled_sizes}): recompile with "
+                f"--batch-size/--buckets or set WHISPER_BATCH_BATCH_SIZE to a compiled size"
+            )
+    if versions:
+        recorded = manifest.get("versions") or {}
+        for name, running in versions.items():
+            if recorded.get(name) != running:
+                raise ModelError(
+                    f"compiled graphs were built with {name} {recorded.get(name) or 'absent'}, this environment has "
+                    f"{running or 'none'}: recompile in this image (graphs must come from the same SDK and packages)"
+                )
+    if shapes:
+        graphs = manifest.get("graphs") or {}
+        for batch, expected in shapes.items():
+            got = graphs.get(str(batch)) or {}
+            for graph, spec in expected.items():
+                have = got.get(graph) or {}
+                for part in ("inputs", "state", "outputs"):
+                    if part not in spec:
+                        continue
+                    want, got_part = _norm(spec[part]), _norm(have.get(part)) or {}
+                    for name in sorted(set(want) | set(got_part)):
+                        if want.get(name) != got_part.get(name):
+                            raise ModelError(
+                                f"compiled {graph} graph for batch {batch} has {part} {name} {_desc(got_part.get(name))}, "
+                                f"the engine needs {_desc(want.get(name))}: the graphs were compiled for another "
+                                f"model or settings; recompile with 'whisper-batch compile'"
+                            )
+
+
+def _norm(value: Any) -> Any:
+    """JSON round-trip form (tuples -> lists) so computed and stored shapes compare equal."""
+    return json.loads(json.dumps(value)) if value is not None else None
+
+
+def _desc(spec: Any) -> str:
+    if not spec:
+        return "nothing"
+    return f"{spec.get('dtype', '?')}{list(spec.get('shape', []))}"
