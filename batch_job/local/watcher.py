@@ -1,0 +1,225 @@
+"""S3 -> SQS -> Lambda, locally: list the input prefix, deliver new objects to the real handler.
+
+Every ``interval`` seconds the watcher lists ``s3://BUCKET/INPUT_PREFIX`` through the S3 endpoint
+(so an object uploaded with any S3 client and a file copied straight into
+``DATA_DIR/BUCKET/INPUT_PREFIX`` both count), and hands each new object version to
+``submitter.app.handler`` in the shape the stack delivers: an SQS event (at most 10 records, the
+event source mapping's batch size) whose message bodies are S3 ``ObjectCreated:Put``
+notifications with URL-encoded keys (``quote_plus``, ``/`` kept).
+
+"New" = a ``(key, ETag, LastModified)`` not delivered before: a re-upload, even of identical
+bytes, is delivered again (S3 notifies every PUT; the handler's idempotency turns it into no
+second job). Delivered objects are remembered in ``DATA_DIR/.whisper-batch-local/watcher.json``
+so a restart does not deliver them again. A message the handler reports in
+``batchItemFailures`` (or all of them, if the invocation raised) is redelivered after a backoff
+(1, 2, 4, ... s: the visibility timeout), up to ``max_receive_count`` receives (the queue's
+redrive policy), then reported as dead-lettered.
+
+Objects are delivered once their LastModified is ``settle`` seconds old, so a file still being
+copied into the folder is not picked up half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote_plus
+
+from batch_job.local import REGION
+
+SQS_BATCH_SIZE = 10
+QUEUE_ARN = f"arn:aws:sqs:{REGION}:000000000000:whisper-batch-uploads"
+
+
+def encode_key(key: str) -> str:
+    """How S3 writes a key into an event notification (form-encoded, ``/`` kept)."""
+    return quote_plus(key, safe="/")
+
+
+def s3_notification(bucket: str, obj: dict) -> dict:
+    """One S3 ``ObjectCreated:Put`` notification for a listed object (documented shape)."""
+    modified = obj["LastModified"]
+    event_time = modified.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{modified.microsecond // 1000:03d}Z"
+    request_id = uuid.uuid4().hex[:16].upper()
+    return {"Records": [{
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "awsRegion": REGION,
+        "eventTime": event_time,
+        "eventName": "ObjectCreated:Put",
+        "userIdentity": {"principalId": "local"},
+        "requestParameters": {"sourceIPAddress": "127.0.0.1"},
+        "responseElements": {"x-amz-request-id": request_id, "x-amz-id-2": "local"},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "whisper-batch-uploads",
+            "bucket": {"name": bucket, "ownerIdentity": {"principalId": "local"}, "arn": f"arn:aws:s3:::{bucket}"},
+            "object": {"key": encode_key(obj["Key"]), "size": int(obj["Size"]),
+                       "eTag": str(obj["ETag"]).strip('"'), "sequencer": f"{int(modified.timestamp() * 1e6):016X}"},
+        },
+    }]}
+
+
+def sqs_event(bodies: list[dict], receive_counts: list[int] | None = None) -> dict:
+    """An SQS -> Lambda event carrying ``bodies`` (JSON-encoded) as messages."""
+    now_ms = str(int(time.time() * 1000))
+    records = []
+    for i, body in enumerate(bodies):
+        records.append({
+            "messageId": str(uuid.uuid4()),
+            "receiptHandle": uuid.uuid4().hex,
+            "body": json.dumps(body),
+            "attributes": {"ApproximateReceiveCount": str((receive_counts or [1] * len(bodies))[i]),
+                           "SentTimestamp": now_ms, "SenderId": "local", "ApproximateFirstReceiveTimestamp": now_ms},
+            "messageAttributes": {},
+            "md5OfBody": "",
+            "eventSource": "aws:sqs",
+            "eventSourceARN": QUEUE_ARN,
+            "awsRegion": REGION,
+        })
+    return {"Records": records}
+
+
+def _identity(obj: dict) -> str:
+    return json.dumps([obj["Key"], str(obj["ETag"]).strip('"'), obj["LastModified"].isoformat()])
+
+
+class Watcher:
+    """Polls the input prefix and feeds new objects to ``deliver(sqs_event) -> handler response``.
+
+    ``on_delivered(key, obj)`` is called for each object the handler accepted and
+    ``on_dead_letter(key, error)`` for one it kept failing.
+    """
+
+    def __init__(self, s3: Any, bucket: str, prefix: str, state_path: str | Path,
+                 deliver: Callable[[dict], Any], *, interval: float = 1.0, settle: float = 1.0,
+                 max_receive_count: int = 5, retry_delay: float = 1.0, on_delivered: Callable[[str, dict], None] | None = None,
+                 on_dead_letter: Callable[[str, str], None] | None = None,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.prefix = prefix
+        self.state_path = Path(state_path)
+        self.deliver = deliver
+        self.interval = interval
+        self.settle = settle
+        self.max_receive_count = max_receive_count
+        self.retry_delay = retry_delay
+        self.on_delivered = on_delivered
+        self.on_dead_letter = on_dead_letter
+        self.on_error = on_error
+        self.seen: set[str] = set()
+        #: identity -> (receive count, not before) of messages the handler failed (visibility timeout)
+        self.receives: dict[str, tuple[int, float]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poll_lock = threading.Lock()
+        self._last_error: str | None = None
+        self._load()
+
+    # ---------------------------------------------------------------- persistence
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.state_path.read_text(encoding="utf-8"))
+            self.seen = set(data.get("delivered") or [])
+        except FileNotFoundError:
+            self.seen = set()
+        except (OSError, ValueError):  # unreadable memory: the handler's idempotency still protects
+            self.seen = set()
+
+    def _save(self) -> None:
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps({"delivered": sorted(self.seen)}, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, self.state_path)
+
+    # ---------------------------------------------------------------- polling
+    def list_new(self) -> list[dict]:
+        """Objects under the prefix not delivered yet and settled (oldest first)."""
+        now = datetime.now(timezone.utc)
+        new = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for obj in page.get("Contents") or []:
+                if obj["Key"].endswith("/") or _identity(obj) in self.seen:
+                    continue
+                if (now - obj["LastModified"]).total_seconds() < self.settle:
+                    continue
+                if self.receives.get(_identity(obj), (0, 0.0))[1] > time.monotonic():
+                    continue  # failed delivery: invisible until its backoff passes
+                new.append(obj)
+        new.sort(key=lambda o: (o["LastModified"], o["Key"]))
+        return new
+
+    def poll(self) -> int:
+        """One listing + delivery round; returns how many objects were delivered."""
+        with self._poll_lock:
+            try:
+                objects = self.list_new()
+                self._last_error = None
+            except Exception as exc:  # noqa: BLE001 - endpoint hiccup: try again next round
+                message = f"cannot list s3://{self.bucket}/{self.prefix}: {exc}"
+                if message != self._last_error and self.on_error:
+                    self.on_error(message)
+                self._last_error = message
+                return 0
+            delivered = 0
+            for start in range(0, len(objects), SQS_BATCH_SIZE):
+                if self._stop.is_set():
+                    break
+                delivered += self._deliver_batch(objects[start:start + SQS_BATCH_SIZE])
+            return delivered
+
+    def _deliver_batch(self, batch: list[dict]) -> int:
+        ids = [_identity(o) for o in batch]
+        counts = [self.receives.get(i, (0, 0.0))[0] + 1 for i in ids]
+        event = sqs_event([s3_notification(self.bucket, o) for o in batch], counts)
+        failed_ids: set[str] = set()
+        error = ""
+        try:
+            response = self.deliver(event) or {}
+            failures = {f.get("itemIdentifier") for f in response.get("batchItemFailures") or []}
+            failed_ids = {ids[i] for i, r in enumerate(event["Records"]) if r["messageId"] in failures}
+            error = "the handler reported the message as failed (see the submitter log)"
+        except Exception as exc:  # noqa: BLE001 - the whole invocation failed: every message returns
+            failed_ids = set(ids)
+            error = f"{type(exc).__name__}: {exc}"
+        delivered = 0
+        for obj, ident, count in zip(batch, ids, counts, strict=True):
+            if ident in failed_ids and count < self.max_receive_count:
+                self.receives[ident] = (count, time.monotonic() + min(30.0, self.retry_delay * 2 ** (count - 1)))
+                continue
+            self.seen.add(ident)
+            self.receives.pop(ident, None)
+            if ident in failed_ids:
+                if self.on_dead_letter:
+                    self.on_dead_letter(obj["Key"], error)
+            else:
+                delivered += 1
+                if self.on_delivered:
+                    self.on_delivered(obj["Key"], obj)
+        self._save()
+        return delivered
+
+    # ---------------------------------------------------------------- thread
+    def start(self) -> "Watcher":
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="local-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            self._stop.wait(self.interval)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None

@@ -1,0 +1,399 @@
+"""Local mode end to end: `whisper-batch local` as a real process, rclone + moto_server on loopback,
+the real submitter handler and real `run-job` processes transcribing real speech with tiny.en.
+
+One local-mode instance is shared by the module (stopped and restarted by the restart test);
+the model cache is the session's (converted once, before the first job).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("aws_lambda_powertools")
+pytest.importorskip("moto")
+
+from conftest import reference_text, shared_clip  # noqa: E402
+
+from batch_job.local import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY  # noqa: E402
+from batch_job.local.s3server import ServerError, find_rclone  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "whisper-batch"
+JOB_TIMEOUT = 300.0
+CLIP_A = "jfk.flac"
+CLIP_B = "librispeech_61-70968-0000.flac"
+
+try:
+    find_rclone()
+except ServerError as _exc:  # pragma: no cover - the [local] extra is not installed
+    pytest.skip(str(_exc), allow_module_level=True)
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def assert_transcript_matches(text: str, clip: str) -> None:
+    """At least 80% of the reference words appear in the transcript (tiny.en is good, not perfect)."""
+    expected = words(reference_text(clip))
+    got = set(words(text))
+    found = [w for w in expected if w in got]
+    assert len(found) >= 0.8 * len(expected), f"transcript {text!r} misses words of {expected}"
+
+
+# ---------------------------------------------------------------------------- fast unit tests
+def _fake_batch(tmp_path, workers: int = 1, **kwargs):
+    """LocalBatch whose 'entrypoint' exits with the code named by the input parameter."""
+    from batch_job.local.executor import LocalBatch, default_job_definitions
+
+    events: list[tuple[str, str, int]] = []
+    batch = LocalBatch(tmp_path, workers=workers, stop_timeout=5, env={"PATH": os.environ.get("PATH", "")},
+                       job_definitions=default_job_definitions("s3://b/transcripts/"),
+                       entrypoint=(sys.executable, "-c", "import sys, time; time.sleep(float(sys.argv[5] or 0)); "
+                                                          "sys.exit(int(sys.argv[3]))"),
+                       on_event=lambda kind, job: events.append((kind, job["jobId"], job["attempts"])), **kwargs)
+    return batch, events
+
+
+def _submit(batch, code: int, sleep: str = "0", **extra):
+    return batch.submit_job(jobName="job-1", jobQueue="whisper-batch-local", jobDefinition="whisper-batch-job",
+                            parameters={"input": str(code), "output": sleep}, **extra)["jobId"]
+
+
+def _wait_final(batch, job_id: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = batch.describe(job_id)
+        if job["status"] in ("SUCCEEDED", "FAILED"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(batch.describe(job_id))
+
+
+def test_executor_retry_rules_match_the_job_definition(tmp_path):
+    from batch_job import exit_codes
+
+    batch, events = _fake_batch(tmp_path)
+    batch.start()
+    try:
+        ok, permanent, config = _submit(batch, 0), _submit(batch, exit_codes.INPUT_ERROR), _submit(batch, 78)
+        transient, internal = _submit(batch, exit_codes.TRANSIENT), _submit(batch, exit_codes.INTERNAL)
+        assert _wait_final(batch, ok)["status"] == "SUCCEEDED"
+        for job_id, attempts in ((permanent, 1), (config, 1), (transient, 3), (internal, 3)):
+            job = _wait_final(batch, job_id)
+            assert (job["status"], job["attempts"]) == ("FAILED", attempts), job
+        assert [e[0] for e in events if e[1] == transient] == [
+            "queued", "running", "retrying", "running", "retrying", "running", "failed"]
+    finally:
+        batch.stop()
+        batch.close()
+
+
+def test_executor_validates_like_batch_and_substitutes_parameters(tmp_path):
+    from botocore.exceptions import ClientError
+
+    batch, _ = _fake_batch(tmp_path)
+    for bad in ({"jobName": "-bad name"}, {"jobQueue": "nope"}, {"jobDefinition": "nope:3"},
+                {"parameters": {"input": 1}}, {"arrayProperties": {"size": 1}}):
+        request = {"jobName": "j", "jobQueue": "whisper-batch-local", "jobDefinition": "whisper-batch-job",
+                   "parameters": {"input": "s3://b/k"}, **bad}
+        with pytest.raises(ClientError) as info:
+            batch.submit_job(**request)
+        assert info.value.response["Error"]["Code"] == "ClientException"
+    job_id = batch.submit_job(jobName="j", jobQueue="whisper-batch-local",
+                              jobDefinition="arn:aws:batch:us-east-1:1:job-definition/whisper-batch-job-long:7",
+                              parameters={"input": "s3://b/a b;$(rm -rf x).wav"})["jobId"]
+    row = batch._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    argv, env, _, policy = batch._command(row)
+    assert argv[-4:] == ["--input", "s3://b/a b;$(rm -rf x).wav", "--output", "s3://b/transcripts/"]
+    assert env["AWS_BATCH_JOB_ID"] == job_id and policy["timeout"] == 6 * 3600
+    batch.close()
+
+
+def test_executor_queue_survives_restart_and_stop_requeues_running_job(tmp_path):
+    batch, events = _fake_batch(tmp_path)
+    batch.start()
+    running = _submit(batch, 0, sleep="30")
+    queued = _submit(batch, 0)
+    deadline = time.monotonic() + 10
+    while batch.describe(running)["status"] != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert batch.stop() == 2  # the running one was SIGTERMed and requeued, the other never started
+    assert batch.describe(running)["status"] == "RUNNABLE" and batch.describe(running)["attempts"] == 0
+    assert ("requeued", running, 0) in events
+    batch.close()
+
+    again, _ = _fake_batch(tmp_path, workers=2)  # the requeued one sleeps 30 s again
+    assert again.start() == 2
+    try:
+        assert _wait_final(again, queued)["status"] == "SUCCEEDED"
+    finally:
+        again.stop(timeout=1)
+        again.close()
+
+
+def test_watcher_delivers_the_stack_event_shape_once(tmp_path):
+    from datetime import datetime, timedelta, timezone
+    from urllib.parse import unquote_plus
+
+    from batch_job.local.watcher import Watcher
+
+    modified = datetime.now(timezone.utc) - timedelta(seconds=5)
+    listing = [{"Key": "audio/a b+c é.wav", "ETag": '"abc"', "Size": 3, "LastModified": modified},
+               {"Key": "audio/dir/", "ETag": '"d"', "Size": 0, "LastModified": modified}]
+
+    class FakeS3:
+        def get_paginator(self, name):
+            return type("P", (), {"paginate": lambda self, **kw: [{"Contents": listing}]})()
+
+    events: list[dict] = []
+    answers = [{"batchItemFailures": [{"itemIdentifier": "x"}]}]
+
+    def deliver(event):
+        events.append(event)
+        answer = answers.pop(0) if answers else {"batchItemFailures": []}
+        if answer["batchItemFailures"]:
+            answer = {"batchItemFailures": [{"itemIdentifier": event["Records"][0]["messageId"]}]}
+        return answer
+
+    state = tmp_path / "watcher.json"
+    watcher = Watcher(FakeS3(), "whisper-batch", "audio/", state, deliver, retry_delay=0.2)
+    assert watcher.poll() == 0  # the handler reported the message failed: redelivered after a backoff
+    assert watcher.poll() == 0 and len(events) == 1
+    time.sleep(0.25)
+    assert watcher.poll() == 1
+    assert watcher.poll() == 0  # delivered once
+    assert Watcher(FakeS3(), "whisper-batch", "audio/", state, deliver).poll() == 0  # remembered
+    record = events[-1]["Records"][0]
+    assert record["eventSource"] == "aws:sqs" and record["attributes"]["ApproximateReceiveCount"] == "2"
+    s3 = json.loads(record["body"])["Records"][0]
+    assert s3["eventName"] == "ObjectCreated:Put" and s3["s3"]["bucket"]["name"] == "whisper-batch"
+    assert s3["s3"]["object"]["key"] == "audio/a+b%2Bc+%C3%A9.wav"
+    assert unquote_plus(s3["s3"]["object"]["key"]) == "audio/a b+c é.wav"
+    assert s3["s3"]["object"]["eTag"] == "abc" and s3["s3"]["object"]["size"] == 3
+
+
+# ---------------------------------------------------------------------------- end to end
+class Local:
+    """A `whisper-batch local` process; its output lines are collected by a reader thread."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str], *args: str) -> None:
+        self.data_dir = data_dir
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batch_job.cli", "local", "--data-dir", str(data_dir), *args],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        banner = self.wait_line(r"S3 endpoint (http://127\.0\.0\.1:\d+)", 60)
+        self.endpoint = re.search(r"(http://127\.0\.0\.1:\d+)", banner).group(1)
+        self.s3 = boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint, region_name=REGION,
+            aws_access_key_id=ACCESS_KEY_ID, aws_secret_access_key=SECRET_ACCESS_KEY)
+        self.wait_line(r"Watching for new files", 30)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_line(self, pattern: str, timeout: float) -> str:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if regex.search(line):
+                    return line
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"no line matching {pattern!r} within {timeout} s; output:\n{self.output()}")
+
+    def get_json(self, key: str) -> dict | None:
+        try:
+            return json.loads(self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        except self.s3.exceptions.NoSuchKey:
+            return None
+
+    def wait_json(self, key: str, timeout: float = JOB_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            doc = self.get_json(key)
+            if doc is not None:
+                return doc
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        raise AssertionError(f"s3://{BUCKET}/{key} did not appear; output:\n{self.output()}")
+
+    def jobs(self, input_key: str | None = None) -> list[dict]:
+        db = sqlite3.connect(f"file:{self.data_dir / '.whisper-batch-local' / 'jobs.sqlite'}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT id, status, attempts, request FROM jobs ORDER BY seq").fetchall()
+        finally:
+            db.close()
+        jobs = [{"id": r[0], "status": r[1], "attempts": r[2], "input": json.loads(r[3])["parameters"]["input"]}
+                for r in rows]
+        return [j for j in jobs if input_key is None or j["input"] == f"s3://{BUCKET}/{input_key}"]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self._reader.join(5)
+        return code
+
+
+@pytest.fixture(scope="module")
+def local_env(model_cache_dir) -> dict[str, str]:
+    from batch_job.models import resolve_checkpoint
+
+    resolve_checkpoint("tiny.en", model_cache_dir)  # convert once, before jobs race for it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WHISPER_BATCH_"))}
+    env.update(WHISPER_BATCH_CACHE_DIR=str(model_cache_dir), PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("local-data")
+
+
+@pytest.fixture(scope="module")
+def instance(data_dir, local_env):
+    """``{"local": Local}``: the restart test swaps in the restarted instance."""
+    holder = {"local": Local(data_dir, local_env, "--workers", "2")}
+    yield holder
+    holder["local"].stop()
+
+
+def upload(local: Local, key: str, body: bytes) -> str:
+    return local.s3.put_object(Bucket=BUCKET, Key=key, Body=body)["ETag"].strip('"')
+
+
+def test_three_concurrent_uploads(instance):
+    local = instance["local"]
+    a, b = shared_clip(CLIP_A), shared_clip(CLIP_B)
+    bad = os.urandom(64 * 1024)
+    files = {"audio/jfk.flac": a.read_bytes(), f"audio/nested dir+é/{CLIP_B}": b.read_bytes(), "audio/bad.wav": bad}
+    with ThreadPoolExecutor(3) as pool:
+        etags = dict(zip(files, pool.map(lambda kv: upload(local, *kv), files.items()), strict=True))
+
+    marker_a = local.wait_json("transcripts/audio/jfk.flac.json")
+    marker_b = local.wait_json(f"transcripts/audio/nested dir+é/{CLIP_B}.json")
+    error = local.wait_json("transcripts/audio/bad.wav.error.json")
+
+    assert marker_a["source"]["etag"].strip('"') == etags["audio/jfk.flac"]
+    assert marker_b["source"]["key"] == f"audio/nested dir+é/{CLIP_B}"
+    text_a = local.s3.get_object(Bucket=BUCKET, Key="transcripts/audio/jfk.flac.txt")["Body"].read().decode()
+    text_b = local.s3.get_object(Bucket=BUCKET, Key=f"transcripts/audio/nested dir+é/{CLIP_B}.txt")["Body"].read().decode()
+    assert_transcript_matches(text_a, CLIP_A)
+    assert_transcript_matches(text_b, CLIP_B)
+    for suffix in (".srt", ".vtt"):  # every format, on disk under the data folder too
+        assert (local.data_dir / BUCKET / "transcripts" / "audio" / f"jfk.flac{suffix}").stat().st_size > 0
+
+    assert error["reason"] == "corrupt_audio" and error["retryable"] is False and error["exit_code"] == 65
+    assert local.get_json("transcripts/audio/bad.wav.json") is None
+    local.wait_line(r"failed\s+audio/bad\.wav\s+corrupt_audio", 30)
+    local.wait_line(r"done\s+audio/jfk\.flac", 30)
+    # one job per object; the permanent failure was not retried
+    assert [j["attempts"] for j in local.jobs("audio/bad.wav")] == [1]
+    assert [j["status"] for j in local.jobs("audio/jfk.flac")] == ["SUCCEEDED"]
+
+
+def test_duplicate_upload_creates_no_second_job(instance):
+    local = instance["local"]
+    if not local.jobs("audio/jfk.flac"):
+        pytest.skip("needs test_three_concurrent_uploads")
+    upload(local, "audio/jfk.flac", shared_clip(CLIP_A).read_bytes())  # same bytes, same key
+    local.wait_line(r"duplicate\s+audio/jfk\.flac", 30)
+    assert len(local.jobs("audio/jfk.flac")) == 1
+    assert len([line for line in local.lines if re.search(r"queued\s+audio/jfk\.flac", line)]) == 1
+
+
+def test_file_copied_into_data_folder(instance):
+    local = instance["local"]
+    target = local.data_dir / BUCKET / "audio" / "dropped" / CLIP_B
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(shared_clip(CLIP_B).read_bytes())
+    local.wait_json(f"transcripts/audio/dropped/{CLIP_B}.json")
+    text = (local.data_dir / BUCKET / "transcripts" / "audio" / "dropped" / f"{CLIP_B}.txt").read_text()
+    assert_transcript_matches(text, CLIP_B)
+
+
+def test_stop_and_restart_runs_queued_jobs(instance, data_dir, local_env):
+    instance["local"].stop()
+    # one worker: the first upload runs (and is interrupted), the second is still queued
+    local = instance["local"] = Local(data_dir, local_env, "--workers", "1")
+    upload(local, "audio/restart/first.flac", shared_clip(CLIP_B).read_bytes())
+    local.wait_line(r"queued\s+audio/restart/first\.flac", 30)
+    upload(local, "audio/restart/second.flac", shared_clip(CLIP_A).read_bytes())
+    local.wait_line(r"running\s+audio/restart/first\.flac", 30)
+    local.wait_line(r"queued\s+audio/restart/second\.flac", 30)
+    assert local.stop(signal.SIGINT) == 0  # Ctrl-C: clean stop, exit 0
+    local.wait_line(r"requeued\s+audio/restart/first\.flac", 5)
+    local.wait_line(r"2 job\(s\) queued for the next start", 5)
+    assert {j["status"] for j in local.jobs() if "/restart/" in j["input"]} == {"RUNNABLE"}
+    assert not (data_dir / BUCKET / "transcripts" / "audio" / "restart" / "first.flac.json").exists()
+
+    local = instance["local"] = Local(data_dir, local_env, "--workers", "2")
+    local.wait_line(r"resumed .*2 job\(s\) queued", 10)
+    first = local.wait_json("transcripts/audio/restart/first.flac.json")
+    second = local.wait_json("transcripts/audio/restart/second.flac.json")
+    assert first["source"]["key"] == "audio/restart/first.flac" and second["source"]["key"] == "audio/restart/second.flac"
+    text = local.s3.get_object(Bucket=BUCKET, Key="transcripts/audio/restart/first.flac.txt")["Body"].read().decode()
+    assert_transcript_matches(text, CLIP_B)
+    local.wait_line(r"done\s+audio/restart/first\.flac", 60)  # the process exits just after its marker
+    local.wait_line(r"done\s+audio/restart/second\.flac", 60)
+    # nothing delivered before the restart is submitted again
+    assert len(local.jobs("audio/jfk.flac")) == 1
+    assert {j["status"] for j in local.jobs() if "/restart/" in j["input"]} == {"SUCCEEDED"}
+
+
+def test_once_prints_transcript(tmp_path, local_env):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(os.urandom(32 * 1024))
+    proc = subprocess.run(
+        [sys.executable, "-m", "batch_job.cli", "local", "--data-dir", str(tmp_path / "data"),
+         "--once", str(shared_clip(CLIP_A)), str(bad)],
+        cwd=REPO, env=local_env, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # bad.wav failed
+    head, _, rest = proc.stdout.partition(f"==> {shared_clip(CLIP_A)}")
+    assert rest, proc.stdout + proc.stderr
+    transcript = rest.split("==>")[0]
+    assert_transcript_matches(transcript, CLIP_A)
+    assert "bad.wav  FAILED (failed): corrupt_audio" in proc.stdout
+    assert (tmp_path / "data" / BUCKET / "transcripts" / "audio" / "jfk.flac.srt").exists()
+
+    # again on the same folder: the completion marker holds this ETag, so the job is skipped
+    # (no model load) and the transcript is printed from the stored outputs; exit 0
+    again = subprocess.run(
+        [sys.executable, "-m", "batch_job.cli", "local", "--data-dir", str(tmp_path / "data"),
+         "--once", str(shared_clip(CLIP_A))],
+        cwd=REPO, env=local_env, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_transcript_matches(again.stdout, CLIP_A)
