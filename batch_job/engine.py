@@ -68,6 +68,27 @@ class _Graphs:
     step: object
 
 
+class LazyTracedStep:
+    """A decoder step that is ``torch.jit.trace``-d on its first call, with that call's real inputs.
+
+    Tracing runs the step once (its in-place cache write at ``position`` is exactly the write
+    the traced graph then repeats), so the first call returns the traced graph's outputs and
+    every later call skips Python dispatch. Same module, same math as the eager step.
+    """
+
+    def __init__(self, step) -> None:
+        self.step = step
+        self.traced = None
+
+    def __call__(self, *args):
+        if self.traced is None:
+            import torch
+
+            with torch.inference_mode(False), torch.no_grad():
+                self.traced = torch.jit.trace(self.step, args, check_trace=False)
+        return self.traced(*args)
+
+
 class Engine:
     """Loaded model + per-bucket static-cache inference. Build with :meth:`load`."""
 
@@ -100,7 +121,12 @@ class Engine:
             if device == "cpu" and settings.quantize_decoder:
                 step = torch.ao.quantization.quantize_dynamic(step, {torch.nn.Linear}, dtype=torch.qint8)
             sizes = batch_buckets(settings.batch_size)
-            compiled = {b: _Graphs(encoder, step) for b in sizes}
+            if settings.jit_decoder:
+                # One traced step graph per bucket (shapes differ), traced on first use so
+                # start-up stays fast; removes Python dispatch from every decoder step.
+                compiled = {b: _Graphs(encoder, LazyTracedStep(step)) for b in sizes}
+            else:
+                compiled = {b: _Graphs(encoder, step) for b in sizes}
         self.buckets = sizes
         self.max_batch = max(sizes)
         heads = config.decoder_attention_heads
