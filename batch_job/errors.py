@@ -61,6 +61,13 @@ class TooLargeError(AudioError):
     reason = "too_large"
 
 
+class MissingInputError(WhisperBatchError):
+    """The input object does not exist (deleted before the job ran). Permanent: exit code 65."""
+
+    reason = "missing_input"
+    retryable = False
+
+
 class ModelError(WhisperBatchError):
     """The model or its compiled graphs cannot be loaded or do not match. Permanent for this image."""
 

@@ -41,6 +41,8 @@ class Settings:
     """Where converted model checkpoints are cached."""
     threads: int = 0
     """torch intra-op threads; 0 = one per available core."""
+    jit_decoder: bool = True
+    """CPU/CUDA: ``torch.jit.trace`` the decoder step per batch size on first use (less per-step overhead)."""
     quantize_decoder: bool = True
     """CPU only: dynamic int8 quantization of the decoder's Linear layers (the encoder stays fp32)."""
 
@@ -61,6 +63,14 @@ class Settings:
     """Output formats, comma-separated."""
     s3_max_attempts: int = 5
     """botocore retry attempts for S3 calls (standard mode)."""
+    download_attempts: int = 3
+    """run-job: attempts of the whole input download (each on top of botocore's own retries)."""
+    manifest_uri: str = ""
+    """run-job array jobs: ``s3://`` JSON-lines manifest; line ``AWS_BATCH_JOB_ARRAY_INDEX`` is the input."""
+    language: str = ""
+    """run-job default ``--language`` (empty = detect / model default)."""
+    task: str = "transcribe"
+    """run-job default ``--task``: ``transcribe`` or ``translate``."""
 
     # --- metrics ----------------------------------------------------------
     metrics_namespace: str = "WhisperBatch"
@@ -71,6 +81,8 @@ class Settings:
     """``emf`` (Embedded Metric Format on stdout), ``put`` (PutMetricData) or ``off``."""
     neuron_monitor: str = "neuron-monitor"
     """neuron-monitor executable; sampled during a job when found on PATH."""
+    neuron_monitor_period: float = 1.0
+    """Seconds between neuron-monitor reports while a job runs."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
