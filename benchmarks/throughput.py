@@ -1,0 +1,628 @@
+"""Engine throughput and accuracy against faster-whisper and the transformers pipeline (CPU).
+
+On the real speech in ../shared/audio (``WHISPER_BATCH_SHARED_AUDIO`` overrides) plus one long
+file made by concatenating the English clips (written once as 16 kHz FLAC into the cache dir),
+measures in one run, with the same weights, the same audio and the same thread count:
+
+* ``ours``: :class:`batch_job.transcribe.Transcriber` with default settings (CPU, int8 decoder),
+  ``transcribe_many`` over all files, so windows are batched ACROSS files (a design advantage);
+* ``fw``: faster-whisper ``WhisperModel(ct2_dir, device="cpu", compute_type="int8")``,
+  ``transcribe(path, beam_size=1)``, every other option at faster-whisper's default, one file
+  after another (its API is per file);
+* ``fw-batched``: faster-whisper ``BatchedInferencePipeline`` (its default Silero VAD on),
+  ``transcribe(path, batch_size=B, beam_size=1)``, one file after another (batches within a file);
+* ``hf``: ``transformers.pipeline("automatic-speech-recognition", model=<our converted checkpoint>,
+  chunk_length_s=30, batch_size=B)``, fp32, ``return_timestamps=True``, called once with the
+  list of all files (the pipeline batches chunks across files).
+
+Each (system, set) runs in its own subprocess: import + model load is timed apart from
+transcription, and peak RSS (``ru_maxrss``) is that process's own. Throughput = audio seconds /
+transcription wall seconds (audio decoding included, model load and a one-clip warm-up excluded).
+WER pools errors over the whole set (jiwer on lists), Whisper's English normalizer on both sides;
+multilingual models also get WER with the basic normalizer for other languages and CER for ja/zh.
+
+    python benchmarks/throughput.py                              # tiny.en, all systems, clips + long file
+    python benchmarks/throughput.py --model base --threads 2 --json /tmp/base.json
+    python benchmarks/throughput.py --limit 5 --no-long          # smoke run
+    python benchmarks/throughput.py --write-docs                 # also update docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
+DOCS = REPO / "docs" / "benchmarks.md"
+SECTION = "## Throughput and accuracy (engine)"
+SYSTEMS = ("ours", "fw", "fw-batched", "hf")
+SYSTEM_LABELS = {
+    "ours": "ours (Transcriber, int8 decoder)",
+    "fw": "faster-whisper int8, sequential",
+    "fw-batched": "faster-whisper int8, BatchedInferencePipeline",
+    "hf": "transformers pipeline fp32",
+}
+CER_LANGUAGES = frozenset({"ja", "zh", "yue"})
+LONG_GAP_SECONDS = 1.0
+SAMPLE_RATE = 16000
+
+
+# ============================================================================ child side
+# Runs in a fresh interpreter per (system, set); imports only what that system needs.
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _current_rss_mb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except Exception:  # pragma: no cover
+        return float("nan")
+
+
+def _load_ours(spec: dict) -> Any:
+    from batch_job.settings import Settings
+    from batch_job.transcribe import Transcriber
+
+    settings = Settings(
+        model=spec["model"],
+        cache_dir=spec["cache_dir"],
+        device="cpu",
+        batch_size=spec["batch_size"],
+        threads=spec["threads"],
+    )
+    tr = Transcriber.load(settings)
+
+    def run(items: list[dict]) -> list[dict]:
+        by_name = {}
+        for r in tr.transcribe_many([(it["name"], it["path"]) for it in items]):
+            if r.error is not None:
+                by_name[r.name] = {"hyp": "", "detected": None, "error": f"{type(r.error).__name__}: {r.error}"}
+            else:
+                by_name[r.name] = {"hyp": r.transcript.text, "detected": r.transcript.language,
+                                   "timings": r.transcript.timings}  # features/encode/decode shares
+        return [by_name[it["name"]] for it in items]
+
+    return run
+
+
+def _load_fw(spec: dict, batched: bool) -> Any:
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    model = WhisperModel(spec["ct2_dir"], device="cpu", compute_type="int8", cpu_threads=spec["threads"])
+    pipe = BatchedInferencePipeline(model=model) if batched else None
+
+    def run(items: list[dict]) -> list[dict]:
+        out = []
+        for it in items:
+            if pipe is not None:
+                segments, info = pipe.transcribe(it["path"], batch_size=spec["batch_size"], beam_size=1)
+            else:
+                segments, info = model.transcribe(it["path"], beam_size=1)
+            text = "".join(s.text for s in segments).strip()  # the generator does the work
+            out.append({"hyp": text, "detected": info.language})
+        return out
+
+    return run
+
+
+def _load_hf(spec: dict) -> Any:
+    import torch
+    from transformers import pipeline
+    from transformers.utils import logging as hf_logging
+
+    from batch_job.audio import load_audio
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(spec["threads"])
+    pipe = pipeline(
+        "automatic-speech-recognition",
+        model=spec["hf_dir"],
+        dtype=torch.float32,
+        device="cpu",
+        chunk_length_s=30,
+        batch_size=spec["batch_size"],
+    )
+    multilingual = spec["multilingual"]
+
+    def run(items: list[dict]) -> list[dict]:
+        # No ffmpeg needed: decode with the product's loader (inside the timed region).
+        inputs = [{"raw": load_audio(it["path"]), "sampling_rate": SAMPLE_RATE} for it in items]
+        kwargs: dict[str, Any] = {"return_timestamps": True}
+        if multilingual:
+            # return_language=True breaks batched chunk pipelines (IndexError in loader_batch_item,
+            # transformers 5.23): the detected language is not recorded for hf.
+            kwargs["generate_kwargs"] = {"task": "transcribe"}
+        with torch.inference_mode():
+            results = pipe(inputs, **kwargs)
+        out = []
+        for r in results:
+            langs = [c.get("language") for c in r.get("chunks") or [] if c.get("language")]
+            out.append({"hyp": r["text"].strip(), "detected": max(set(langs), key=langs.count) if langs else None})
+        return out
+
+    return run
+
+
+def child_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    system = spec["system"]
+    sys.path.insert(0, str(REPO))
+    t0 = time.perf_counter()
+    if system == "ours":
+        run = _load_ours(spec)
+    elif system in ("fw", "fw-batched"):
+        run = _load_fw(spec, batched=system == "fw-batched")
+    elif system == "hf":
+        run = _load_hf(spec)
+    else:
+        raise SystemExit(f"unknown system {system!r}")
+    load_s = time.perf_counter() - t0
+    rss_loaded = _current_rss_mb()
+    warmup_s = None
+    if spec.get("warmup"):
+        t0 = time.perf_counter()
+        run([spec["warmup"]])
+        warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    outputs = run(spec["items"])
+    wall_s = time.perf_counter() - t0
+    result = {
+        "system": system,
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "wall_s": wall_s,
+        "rss_after_load_mb": rss_loaded,
+        "peak_rss_mb": _peak_rss_mb(),
+        "outputs": outputs,
+    }
+    Path(spec["out"]).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+# ============================================================================ parent side
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        usable = os.cpu_count() or 1
+    return {
+        "nproc": usable,
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "ctranslate2": _version("ctranslate2"),
+        "transformers": _version("transformers"),
+        "faster-whisper": _version("faster-whisper"),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def read_manifest(audio_dir: Path) -> list[dict]:
+    rows = []
+    for line in (audio_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            row["path"] = str(audio_dir / row["audio"])
+            rows.append(row)
+    return rows
+
+
+def ct2_dir_for(model: str, hf_dir: Path, cache_dir: Path, explicit: str | None) -> Path:
+    """The CTranslate2 directory faster-whisper loads: the packaged dir, or parts joined once into the cache."""
+    if explicit:
+        return Path(explicit)
+    from batch_job.models import PACKAGED_MODELS, packaged_source_files
+
+    if model not in PACKAGED_MODELS:
+        raise SystemExit(f"--model {model!r} is not packaged: pass --ct2-dir for the faster-whisper systems")
+    files = packaged_source_files(PACKAGED_MODELS[model])
+    if len(files) == 1 and files[0].name == "model.bin":
+        return files[0].parent
+    # Split model.bin: concatenate once into <cache>/<hf-dir-name>-ct2/ (name is content-addressed).
+    out = cache_dir / f"{hf_dir.name}-ct2"
+    expected = sum(f.stat().st_size for f in files)
+    if (out / "model.bin").is_file() and (out / "model.bin").stat().st_size == expected and (out / "config.json").is_file():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=cache_dir))
+    with open(tmp / "model.bin", "wb") as dst:
+        for f in files:
+            with open(f, "rb") as src:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+    for side in ("config.json", "tokenizer.json", "vocabulary.txt", "vocabulary.json", "preprocessor_config.json"):
+        if (files[0].parent / side).is_file():
+            (tmp / side).write_bytes((files[0].parent / side).read_bytes())
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def build_long_file(clips: list[dict], cache_dir: Path) -> dict:
+    """Concatenate ``clips`` (1 s of silence between) into one cached 16 kHz FLAC; its manifest row."""
+    import numpy as np
+    import soundfile as sf
+
+    key = hashlib.sha256(
+        json.dumps([[c["audio"], os.path.getsize(c["path"])] for c in clips] + [LONG_GAP_SECONDS]).encode()
+    ).hexdigest()[:12]
+    out_dir = cache_dir / "bench-audio"
+    out = out_dir / f"long-{len(clips)}clips-{key}.flac"
+    if not out.is_file():
+        from batch_job.audio import load_audio
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        gap = np.zeros(int(LONG_GAP_SECONDS * SAMPLE_RATE), np.float32)
+        parts = []
+        for i, c in enumerate(clips):
+            if i:
+                parts.append(gap)
+            parts.append(load_audio(c["path"]))
+        audio = np.clip(np.concatenate(parts), -1.0, 1.0)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.flac")
+        sf.write(tmp, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        os.replace(tmp, out)
+    seconds = sf.info(str(out)).duration
+    return {
+        "audio": out.name,
+        "path": str(out),
+        "text": " ".join(c["text"] for c in clips),
+        "language": "en",
+        "seconds": seconds,
+    }
+
+
+def error_rates(rows: list[dict], multilingual: bool) -> dict[str, Any]:
+    """Pooled WER/CER over the set: {'en': {...}, 'other': {...}, 'cjk': {...}}."""
+    import jiwer
+    from whisper_normalizer.basic import BasicTextNormalizer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    english, basic = EnglishTextNormalizer(), BasicTextNormalizer()
+    groups: dict[str, tuple[list[str], list[str]]] = {"en": ([], []), "other": ([], []), "cjk": ([], [])}
+    for r in rows:
+        lang = r["language"]
+        if lang == "en":
+            key, ref, hyp = "en", english(r["text"]), english(r["hyp"])
+        elif lang in CER_LANGUAGES:
+            key = "cjk"
+            ref, hyp = re.sub(r"\s+", "", basic(r["text"])), re.sub(r"\s+", "", basic(r["hyp"]))
+        else:
+            key, ref, hyp = "other", basic(r["text"]), basic(r["hyp"])
+        if not ref.strip():
+            continue
+        groups[key][0].append(ref)
+        groups[key][1].append(hyp)
+    out: dict[str, Any] = {}
+    for key, (refs, hyps) in groups.items():
+        if not refs:
+            continue
+        rate = jiwer.cer(refs, hyps) if key == "cjk" else jiwer.wer(refs, hyps)
+        out[key] = {"rate": rate, "files": len(refs), "metric": "CER" if key == "cjk" else "WER"}
+    return out
+
+
+def run_child(spec: dict, env: dict[str, str], tmp: Path) -> dict:
+    spec_path = tmp / f"{spec['system']}-{spec['set']}.spec.json"
+    spec["out"] = str(tmp / f"{spec['system']}-{spec['set']}.out.json")
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+        env=env,
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if proc.returncode != 0 or not Path(spec["out"]).is_file():
+        tail = proc.stdout.strip().splitlines()[-15:]
+        return {"system": spec["system"], "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return json.loads(Path(spec["out"]).read_text(encoding="utf-8"))
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def render_table(results: list[dict], multilingual: bool) -> str:
+    cols = ["system", "set", "files", "audio s", "load s", "wall s", "audio-s / wall-s", "ours ÷ system", "WER en"]
+    if multilingual:
+        cols += ["WER other (basic norm.)", "CER ja/zh"]
+    cols += ["peak RSS MB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|"]
+    ours = {r["set"]: r for r in results if r["system"] == "ours" and "error" not in r}
+    for r in results:
+        head = [SYSTEM_LABELS[r["system"]], r["set"], str(r["files"]), fmt(r["audio_s"], 1)]
+        if "error" in r:
+            last = r["error"].split(" | ")[-1].replace("|", "/")[:160]
+            lines.append("| " + " | ".join(head + [f"FAILED: {last}"] + [""] * (len(cols) - 5)) + " |")
+            continue
+        base = ours.get(r["set"])
+        ratio = base["throughput"] / r["throughput"] if base else None
+        er = r["error_rates"]
+
+        def cell(key: str) -> str:
+            if key not in er:
+                return "-"
+            return f"{100 * er[key]['rate']:.1f}% ({er[key]['files']})"
+
+        row = head + [fmt(r["load_s"]), fmt(r["wall_s"]), fmt(r["throughput"], 1), fmt(ratio), cell("en")]
+        if multilingual:
+            row += [cell("other"), cell("cjk")]
+        row += [fmt(r["peak_rss_mb"], 0)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def render_notes(meta: dict) -> str:
+    a = meta["args"]
+    notes = [
+        f"- Model `{a['model']}` ({'multilingual' if meta['multilingual'] else 'English-only'}): "
+        f"the same weights everywhere (faster-whisper reads the packaged CTranslate2 `model.bin`; "
+        f"ours and transformers read its conversion `{Path(meta['hf_dir']).name}`). "
+        f"{a['threads']} threads for every system (torch.set_num_threads / ctranslate2 cpu_threads, "
+        f"OMP/MKL_NUM_THREADS), batch size {a['batch_size']}.",
+        f"- clips: {meta['sets'].get('clips', {}).get('files', 0)} files, "
+        f"{meta['sets'].get('clips', {}).get('seconds', 0):.1f} s"
+        + (f" (first {a['limit']} eligible)" if a["limit"] else "")
+        + (f"; {meta['skipped_non_english']} non-English clips skipped (English-only model)" if meta["skipped_non_english"] else "")
+        + ".",
+    ]
+    if "long" in meta["sets"]:
+        notes.append(
+            f"- long: one {meta['sets']['long']['seconds']:.1f} s FLAC of the "
+            f"{meta['sets']['long']['clips']} English clips joined with {LONG_GAP_SECONDS:g} s of silence "
+            "(English only: faster-whisper detects the language once per file, so a mixed-language "
+            "file would measure language-detection policy, not throughput)."
+        )
+    notes += [
+        "- audio-s / wall-s: audio seconds / transcription wall seconds, audio decoding included; "
+        "model load (imports + weights, `load s`) and a one-clip warm-up excluded. Each system and set "
+        "runs in its own process; peak RSS is that process's `ru_maxrss` (load included).",
+        "- ours: `Transcriber.transcribe_many` over all files of the set: windows are batched ACROSS "
+        "files (a design advantage of the engine, used on purpose). Greedy, timestamps, temperature "
+        "fallback, no conditioning on previous text.",
+        "- fw: `WhisperModel(compute_type=\"int8\").transcribe(path, beam_size=1)`, every other option at "
+        "its default (temperature fallback, condition_on_previous_text=True, timestamps on, no VAD); "
+        "files one by one, as its API works.",
+        "- fw-batched: `BatchedInferencePipeline.transcribe(path, batch_size=B, beam_size=1)` with its "
+        "defaults (Silero VAD on, without_timestamps=True); batches windows within a file, files one by one.",
+        "- hf: `pipeline(\"automatic-speech-recognition\", chunk_length_s=30, batch_size=B)`, fp32, "
+        "`return_timestamps=True` (the model emits timestamp tokens as ours and fw do, and chunks are "
+        "merged on them), one call with the list of all files (chunks batched across files); "
+        "audio decoded with `batch_job.audio.load_audio`.",
+        "- WER pooled over the set (total errors / total reference words), Whisper's English normalizer "
+        "on both sides"
+        + ("; other languages: basic normalizer, WER; ja/zh: CER with spaces removed" if meta["multilingual"] else "")
+        + ". Parentheses: files scored. Languages auto-detected by every system.",
+    ]
+    return "\n".join(notes)
+
+
+def write_docs(section: str) -> None:
+    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = section.rstrip() + "\n\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip() + "\n\n" + block
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(text.rstrip() + "\n", encoding="utf-8")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cores = os.cpu_count() or 1
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny.en", help="tiny.en (default) or base (or a checkpoint dir with --ct2-dir)")
+    p.add_argument("--threads", type=int, default=cores, help=f"threads for every system (default: available cores, {cores})")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size for ours, fw-batched and hf (default 8)")
+    p.add_argument("--limit", type=int, default=0, help="first N eligible clips only (smoke runs)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--no-long", action="store_true", help="skip the long concatenated file")
+    p.add_argument("--no-warmup", action="store_true", help="no one-clip warm-up before timing")
+    p.add_argument("--json", metavar="OUT", help="write raw results (with per-file hypotheses) here")
+    p.add_argument("--write-docs", action="store_true", help=f"replace/insert '{SECTION}' in docs/benchmarks.md")
+    p.add_argument("--cache-dir", help="converted checkpoints, joined CT2 dir, long FLAC (default: Settings().cache_dir)")
+    p.add_argument("--ct2-dir", help="CTranslate2 model dir for faster-whisper (default: from the packaged model)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    bad = [s for s in systems if s not in SYSTEMS]
+    if bad or not systems:
+        p.error(f"--systems: unknown {bad}; choose from {','.join(SYSTEMS)}")
+    args.system_list = [s for s in SYSTEMS if s in systems]  # ours first: ratios need it
+    if args.threads < 1 or args.batch_size < 1 or args.limit < 0:
+        p.error("--threads and --batch-size must be >= 1, --limit >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child)
+    if not (SHARED_AUDIO / "manifest.jsonl").is_file():
+        print(f"skipped: shared audio not available ({SHARED_AUDIO / 'manifest.jsonl'})")
+        return 0
+    sys.path.insert(0, str(REPO))
+    from batch_job.models import resolve_checkpoint
+    from batch_job.settings import Settings
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    machine = machine_info()
+    cache_dir = Path(args.cache_dir or Settings().cache_dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    print(f"preparing {args.model} (conversion runs once) ...", flush=True)
+    hf_dir = resolve_checkpoint(args.model, cache_dir)  # converted here, so no child pays for it
+    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    multilingual = int(config.get("vocab_size", 0)) >= 51865
+    needs_ct2 = any(s in ("fw", "fw-batched") for s in args.system_list)
+    ct2_dir = ct2_dir_for(args.model, hf_dir, cache_dir, args.ct2_dir) if needs_ct2 else None
+
+    manifest = read_manifest(SHARED_AUDIO)
+    eligible = manifest if multilingual else [r for r in manifest if r["language"] == "en"]
+    skipped = len(manifest) - len(eligible)
+    if args.limit:
+        eligible = eligible[: args.limit]
+    if not eligible:
+        print("skipped: no eligible clips")
+        return 0
+    sets: dict[str, list[dict]] = {"clips": eligible}
+    meta_sets: dict[str, dict] = {"clips": {"files": len(eligible), "seconds": sum(r["seconds"] for r in eligible)}}
+    if not args.no_long:
+        english = [r for r in eligible if r["language"] == "en"]
+        if english:
+            print(f"building the long file from {len(english)} English clips (cached) ...", flush=True)
+            long_row = build_long_file(english, cache_dir)
+            sets["long"] = [long_row]
+            meta_sets["long"] = {"files": 1, "seconds": long_row["seconds"], "clips": len(english), "path": long_row["path"]}
+    warm_clip = min(eligible[: max(1, min(len(eligible), 10))], key=lambda r: abs(r["seconds"] - 5.0))
+    warmup = None if args.no_warmup else {"name": "warmup", "path": warm_clip["path"]}
+
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        env[var] = str(args.threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmpname:
+        tmp = Path(tmpname)
+        for system in args.system_list:
+            for set_name, rows in sets.items():
+                items = [{"name": f"{i:04d}-{r['audio']}", "path": r["path"]} for i, r in enumerate(rows)]
+                spec = {
+                    "system": system,
+                    "set": set_name,
+                    "model": args.model,
+                    "cache_dir": str(cache_dir),
+                    "hf_dir": str(hf_dir),
+                    "ct2_dir": str(ct2_dir) if ct2_dir else None,
+                    "multilingual": multilingual,
+                    "threads": args.threads,
+                    "batch_size": args.batch_size,
+                    "items": items,
+                    "warmup": warmup,
+                }
+                audio_s = sum(r["seconds"] for r in rows)
+                print(f"running {system} on {set_name} ({len(rows)} files, {audio_s:.1f} s) ...", flush=True)
+                res = run_child(spec, env, tmp)
+                res.update({"set": set_name, "files": len(rows), "audio_s": audio_s})
+                if "error" not in res:
+                    per_file = []
+                    for r, o in zip(rows, res.pop("outputs")):
+                        per_file.append({"audio": r["audio"], "language": r["language"], "seconds": r["seconds"],
+                                         "text": r["text"], **o})
+                    res["per_file"] = per_file
+                    res["throughput"] = audio_s / res["wall_s"] if res["wall_s"] > 0 else float("inf")
+                    res["error_rates"] = error_rates(per_file, multilingual)
+                    print(f"  load {res['load_s']:.2f} s, wall {res['wall_s']:.2f} s, "
+                          f"{res['throughput']:.1f} audio-s/s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+                else:
+                    print(f"  FAILED: {res['error']}", flush=True)
+                results.append(res)
+
+    machine["loadavg_end"] = list(os.getloadavg())
+    command = "python benchmarks/throughput.py" + "".join(
+        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    meta = {
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "machine": machine,
+        "args": {k: v for k, v in vars(args).items() if k not in ("child", "system_list")} | {"systems": args.system_list},
+        "hf_dir": str(hf_dir),
+        "ct2_dir": str(ct2_dir) if ct2_dir else None,
+        "multilingual": multilingual,
+        "skipped_non_english": skipped,
+        "sets": meta_sets,
+    }
+    table = render_table(results, multilingual)
+    notes = render_notes(meta)
+    print()
+    print(table)
+    print()
+    print(notes)
+    odd = []
+    for r in results:
+        for f in r.get("per_file", []):
+            if not f["hyp"].strip():
+                odd.append(f"{r['system']}/{r['set']}: empty output for {f['audio']}")
+            if f.get("error"):
+                odd.append(f"{r['system']}/{r['set']}: error for {f['audio']}: {f['error']}")
+    if odd:
+        print("\nEmpty outputs / errors:\n" + "\n".join("- " + o for o in odd))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+        print(f"\nraw results: {args.json}")
+    if args.write_docs:
+        m = machine
+        section = "\n".join([
+            SECTION,
+            "",
+            f"Our engine against faster-whisper and the transformers pipeline on the real speech in "
+            f"`../shared/audio`, CPU, model `{args.model}`. Measured {meta['date']} on {m['nproc']} usable cores "
+            f"({m['cpu_model']}; load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end), "
+            f"python {m['python']}, torch {m['torch']}, ctranslate2 {m['ctranslate2']}, "
+            f"faster-whisper {m['faster-whisper']}, transformers {m['transformers']}:",
+            "",
+            "```",
+            ". .venv/bin/activate && " + command,
+            "```",
+            "",
+            table,
+            "",
+            notes,
+        ])
+        write_docs(section)
+        print(f"updated {DOCS.relative_to(REPO)}")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
