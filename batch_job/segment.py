@@ -249,3 +249,96 @@ def _find_cut(a: int, db: np.ndarray, active: np.ndarray, prm: _Params) -> int:
     best = float(smoothed.min())
     near = np.flatnonzero(smoothed <= best + 1.0)
     return lo + int(near[-1])
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Several windows of one file decoded as ONE encoder window (at most ``max_seconds``).
+
+    The encoder costs the same for 3 s as for 30 s of audio, so short stretches of speech that
+    are separated by long silences are packed together: their samples are concatenated with
+    ``gap`` samples of silence between them. :meth:`to_file` maps a time inside the packed
+    window back to the file's timeline.
+    """
+
+    spans: tuple[tuple[int, int], ...]
+    """``(start, end)`` sample ranges of the file, in order, non-overlapping."""
+    gap: int = 0
+    """Samples of silence inserted between consecutive spans."""
+
+    @property
+    def samples(self) -> int:
+        return sum(b - a for a, b in self.spans) + self.gap * (len(self.spans) - 1)
+
+    @property
+    def start(self) -> int:
+        return self.spans[0][0]
+
+    def audio(self, audio: np.ndarray) -> np.ndarray:
+        """The packed window's samples (a view when there is a single span)."""
+        if len(self.spans) == 1:
+            a, b = self.spans[0]
+            return audio[a:b]
+        silence = np.zeros(self.gap, dtype=audio.dtype)
+        parts: list[np.ndarray] = []
+        for i, (a, b) in enumerate(self.spans):
+            if i:
+                parts.append(silence)
+            parts.append(audio[a:b])
+        return np.concatenate(parts)
+
+    def _offsets(self) -> list[tuple[int, int, int]]:
+        """``(window_start, file_start, file_end)`` of each span."""
+        out, pos = [], 0
+        for a, b in self.spans:
+            out.append((pos, a, b))
+            pos += (b - a) + self.gap
+        return out
+
+    def to_file(self, sample: int) -> int:
+        """Sample index inside the packed window -> sample index in the file.
+
+        A time inside an inserted gap maps to the end of the span before it.
+        """
+        result = self.spans[0][0]
+        for w0, a, b in self._offsets():
+            if sample < w0:
+                break
+            result = min(a + (sample - w0), b)
+        return result
+
+    def tail(self, sample: int) -> "Packed | None":
+        """What remains of the window after ``sample`` (window coordinates), or None."""
+        rest: list[tuple[int, int]] = []
+        for w0, a, b in self._offsets():
+            if sample <= w0:
+                rest.append((a, b))
+            elif sample < w0 + (b - a):
+                rest.append((a + sample - w0, b))
+        return Packed(tuple(rest), self.gap) if rest else None
+
+
+def pack_windows(
+    windows: list[Window], *, sample_rate: int = SAMPLE_RATE, max_seconds: float = 30.0, gap_seconds: float = 0.5
+) -> list[Packed]:
+    """Greedily pack consecutive windows into encoder windows of at most ``max_seconds``.
+
+    Order is kept (a packed window never reorders speech), and a window is never split.
+    """
+    gap = int(round(gap_seconds * sample_rate))
+    limit = int(max_seconds * sample_rate)
+    packed: list[Packed] = []
+    current: list[tuple[int, int]] = []
+    length = 0
+    for w in windows:
+        n = w.end - w.start
+        if current and length + gap + n <= limit:
+            current.append((w.start, w.end))
+            length += gap + n
+            continue
+        if current:
+            packed.append(Packed(tuple(current), gap))
+        current, length = [(w.start, w.end)], n
+    if current:
+        packed.append(Packed(tuple(current), gap))
+    return packed

@@ -27,6 +27,7 @@ import numpy as np
 
 from batch_job.decoding import DecodingOptions, DecodingResult, SpecialTokens, compression_ratio
 from batch_job.result import Segment, Transcript
+from batch_job.segment import Packed
 from batch_job.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,18 +53,17 @@ class Guards:
 
 @dataclass
 class _Task:
-    """One window (or the tail of one) waiting to be decoded."""
+    """One encoder window (or the tail of one) waiting to be decoded."""
 
     file: int
-    start: int  # samples, file timeline
-    end: int
+    window: Packed  # spans of the file (samples), packed into one <= 30 s window
     attempt: int = 0  # index into Guards.temperatures
     continuation: int = 0
     best: tuple[DecodingResult, float] | None = None  # best failed attempt and its compression ratio
 
     @property
     def samples(self) -> int:
-        return self.end - self.start
+        return self.window.samples
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Transcriber:
         Audio is loaded lazily, only as far ahead as needed to fill batches.
         """
         from batch_job.audio import load_audio
-        from batch_job.segment import split_at_pauses
+        from batch_job.segment import pack_windows, split_at_pauses
 
         if task not in ("transcribe", "translate"):
             raise ValueError(f"task must be 'transcribe' or 'translate', not {task!r}")
@@ -167,7 +167,8 @@ class Transcriber:
                     audio = item if isinstance(item, np.ndarray) else load_audio(item, max_seconds=self.settings.max_audio_seconds)
                     state.audio = np.ascontiguousarray(audio, dtype=np.float32)
                     t1 = time.perf_counter()
-                    windows = split_at_pauses(state.audio, sample_rate=SAMPLE_RATE)
+                    # Short stretches of speech between long silences share one encoder window.
+                    windows = pack_windows(split_at_pauses(state.audio, sample_rate=SAMPLE_RATE))
                     state.timings["decode_audio"] += t1 - t0
                     state.timings["segment"] += time.perf_counter() - t1
                 except Exception as exc:  # one bad file never stops the others
@@ -175,7 +176,7 @@ class Transcriber:
                     continue
                 files[idx] = state
                 for w in windows:
-                    queue.append(_Task(idx, w.start, w.end))
+                    queue.append(_Task(idx, w))
                 state.pending = len(windows)
                 total_windows += len(windows)
                 bar.total = total_windows
@@ -212,9 +213,7 @@ class Transcriber:
 
     # ------------------------------------------------------------------ internals
     def _decode(self, tasks: Sequence[_Task], files: dict[int, _FileState], options: DecodingOptions) -> list[DecodingResult]:
-        rows = []
-        for t in tasks:
-            rows.append(files[t.file].audio[t.start : t.end])
+        rows = [t.window.audio(files[t.file].audio) for t in tasks]
         temps = [self.guards.temperatures[t.attempt] for t in tasks]
         results, timings = self.engine.decode(rows, options, temperatures=temps)
         share = 1.0 / len(tasks)
@@ -244,22 +243,26 @@ class Transcriber:
             segments = _drop_repeats(segments)
         state.segments.extend(segments)
         state.languages.append(result.language)
-        tail = task.end - consumed
+        tail = task.window.tail(consumed) if consumed > 0 else None
         if (
-            consumed > task.start
-            and tail >= g.min_tail_seconds * SAMPLE_RATE
+            tail is not None
+            and tail.samples >= g.min_tail_seconds * SAMPLE_RATE
             and task.continuation < g.max_continuations
         ):
             state.pending += 1
-            return _Task(task.file, consumed, task.end, continuation=task.continuation + 1)
+            return _Task(task.file, tail, continuation=task.continuation + 1)
         return None
 
     def _segments(self, result: DecodingResult, task: _Task) -> tuple[list[tuple[float, float, str, int]], int]:
-        """Timestamp tokens -> segments in file seconds; also the sample up to which the window is consumed."""
+        """Timestamp tokens -> segments in file seconds; also the window sample up to which it is consumed."""
         tb = self.engine.tokens.timestamp_begin
         toks = list(result.tokens)
-        offset = task.start / SAMPLE_RATE
+        window = task.window
         window_s = task.samples / SAMPLE_RATE
+
+        def file_time(t: float) -> float:
+            return window.to_file(int(round(t * SAMPLE_RATE))) / SAMPLE_RATE
+
         is_ts = [t >= tb for t in toks]
         boundaries = [i for i in range(1, len(toks)) if is_ts[i] and is_ts[i - 1]]
         single_ending = len(toks) >= 2 and is_ts[-1] and not is_ts[-2]
@@ -270,7 +273,7 @@ class Transcriber:
             if text:
                 start_s = min(max(start_s, 0.0), window_s)
                 end_s = min(max(end_s, start_s), window_s)
-                out.append((offset + start_s, offset + end_s, text, task.start))
+                out.append((file_time(start_s), file_time(end_s), text, window.start))
 
         if boundaries:
             cuts = boundaries + ([len(toks)] if single_ending else [])
@@ -280,18 +283,18 @@ class Transcriber:
                 add(piece, (piece[0] - tb) * SECONDS_PER_TIMESTAMP, (piece[-1] - tb) * SECONDS_PER_TIMESTAMP)
                 last = cut
             if single_ending:
-                return out, task.end
+                return out, task.samples
             # Decoding stopped at a segment boundary (or ran out of tokens mid-segment): the
             # window is consumed up to the last complete segment; the tail gets decoded again.
             seek = (toks[last - 1] - tb) * SECONDS_PER_TIMESTAMP
-            return out, task.start + int(round(min(seek, window_s) * SAMPLE_RATE))
+            return out, int(round(min(seek, window_s) * SAMPLE_RATE))
         stamps = [t for t in toks if t >= tb]
         end_s = window_s
         if stamps and stamps[-1] != tb:
             end_s = (stamps[-1] - tb) * SECONDS_PER_TIMESTAMP
         start_s = (stamps[0] - tb) * SECONDS_PER_TIMESTAMP if stamps else 0.0
         add(toks, start_s, end_s)
-        return out, task.end
+        return out, task.samples
 
     def _finish(self, state: _FileState, options: DecodingOptions) -> FileResult:
         duration = len(state.audio) / SAMPLE_RATE

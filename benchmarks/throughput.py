@@ -84,7 +84,8 @@ def _load_ours(spec: dict) -> Any:
     from batch_job.settings import Settings
     from batch_job.transcribe import Transcriber
 
-    settings = Settings(
+    # from_env: WHISPER_BATCH_* knobs (e.g. WHISPER_BATCH_QUANTIZE_DECODER=0) can be compared.
+    settings = Settings.from_env(
         model=spec["model"],
         cache_dir=spec["cache_dir"],
         device="cpu",

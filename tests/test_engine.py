@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from batch_job.decoding import ApplyTimestampRules, DecodeState, DecodingOptions, DecodingResult, SpecialTokens
+from batch_job.segment import Packed
 from batch_job.transcribe import Guards, Transcriber, _Task, _FileState
 from tests.conftest import load_clip, reference_text
 
@@ -133,7 +134,7 @@ def test_repetition_loop_is_redecoded_then_cut():
     for i in range(12):
         looping += [ts(i), 1, ts(i + 1)]
     state = _FileState(name="x", audio=np.zeros(16000 * 20, np.float32), pending=1)
-    task = _Task(file=0, start=0, end=16000 * 20)
+    task = _Task(file=0, window=Packed(((0, 16000 * 20),)))
     retry = tr._accept(task, _result(looping), state)
     assert retry is not None and retry.attempt == 1 and state.segments == []
     # Still looping at the last temperature: keep it, but cut consecutive repeats.
@@ -145,7 +146,7 @@ def test_no_speech_window_is_dropped():
     engine = _FakeEngine({1: " Thank you."})
     tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
     state = _FileState(name="x", audio=np.zeros(16000 * 5, np.float32), pending=1)
-    out = tr._accept(_Task(0, 0, 16000 * 5), _result([1002, 1, 1100], logprob=-1.5, no_speech=0.9), state)
+    out = tr._accept(_Task(0, Packed(((0, 16000 * 5),))), _result([1002, 1, 1100], logprob=-1.5, no_speech=0.9), state)
     assert out is None and state.segments == []
 
 
@@ -155,8 +156,8 @@ def test_unconsumed_tail_is_requeued():
     tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
     state = _FileState(name="x", audio=np.zeros(16000 * 30, np.float32), pending=1)
     toks = [1002, 1, 1002 + 250, 1002 + 250]  # "hello" 0-5 s, then a new segment starts at 5 s and stops
-    follow = tr._accept(_Task(0, 0, 16000 * 30), _result(toks), state)
-    assert follow is not None and follow.start == 5 * 16000 and follow.end == 30 * 16000
+    follow = tr._accept(_Task(0, Packed(((0, 16000 * 30),))), _result(toks), state)
+    assert follow is not None and follow.window.spans == ((5 * 16000, 30 * 16000),)
     assert state.segments[0][:3] == (0.0, 5.0, "hello")
 
 
