@@ -3,13 +3,18 @@
 Devices differ ONLY in how :class:`~batch_job.inference.EncoderGraph` and
 :class:`~batch_job.inference.DecoderStepGraph` are prepared:
 
-* ``cpu``: eager PyTorch, the decoder's Linear layers dynamically quantized to int8 (the encoder
-  stays fp32: an int8 encoder costs several WER points), fixed batch-size buckets;
+* ``cpu``: the decoder's Linear layers dynamically quantized to int8 (the encoder stays fp32: an
+  int8 encoder costs several WER points), fixed batch-size buckets; with ``jit_decoder`` (the
+  default) both graphs are ``torch.jit.trace``-d and saved in the graph cache
+  (:mod:`batch_job.graph_cache`), so later starts load them without transformers;
 * ``cuda``: eager PyTorch on the GPU;
 * ``neuron``: graphs compiled ahead of time by ``whisper-batch compile`` and loaded from
   ``settings.compiled_dir`` (see :mod:`batch_job.neuron`).
 
-The decoding loop (:func:`batch_job.decoding.decode_batch`) is the same for all of them.
+The decoding loop (:func:`batch_job.decoding.decode_batch`) is the same for all of them. The
+engine is built from a :class:`~batch_job.graph_cache.ModelBundle` (graphs per bucket, special
+tokens, text and log-mel functions, dims) that comes from the checkpoint (:func:`model_bundle`)
+or from the graph cache.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from batch_job import graph_cache
 from batch_job.decoding import DecodingOptions, DecodingResult, SpecialTokens, decode_batch
 from batch_job.errors import ModelError
+from batch_job.graph_cache import BucketGraphs, MelFrontend, ModelBundle, ModelDims, TokenizerText
 from batch_job.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,18 +70,14 @@ def resolve_device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@dataclass(frozen=True)
-class _Graphs:
-    encode: object
-    step: object
-
-
 class LazyTracedStep:
     """A decoder step that is ``torch.jit.trace``-d on its first call, with that call's real inputs.
 
     Tracing runs the step once (its in-place cache write at ``position`` is exactly the write
     the traced graph then repeats), so the first call returns the traced graph's outputs and
     every later call skips Python dispatch. Same module, same math as the eager step.
+    Used on CUDA; on CPU every bucket is traced up front (:func:`batch_job.graph_cache.trace_cpu_graphs`)
+    so the graphs can be cached.
     """
 
     def __init__(self, step) -> None:
@@ -89,80 +93,170 @@ class LazyTracedStep:
         return self.traced(*args)
 
 
-class Engine:
-    """Loaded model + per-bucket static-cache inference. Build with :meth:`load`."""
+def engine_cache_len(max_target_positions: int, max_new_tokens: int) -> int:
+    """Static self-attention cache slots: prompt + ``max_new_tokens``, capped by the model's positions."""
+    return min(int(max_target_positions), int(max_new_tokens) + PROMPT_SLOTS)
 
-    def __init__(self, loaded, settings: Settings, device: str, load_seconds: float) -> None:
+
+def uses_graph_cache(settings: Settings, device: str) -> bool:
+    """CPU with the traced decoder: the graphs are traced up front and cached (:mod:`batch_job.graph_cache`)."""
+    return device == "cpu" and bool(settings.jit_decoder)
+
+
+def model_bundle(loaded, settings: Settings, device: str) -> ModelBundle:
+    """Build the engine's bundle from a transformers checkpoint (the cold path; every device).
+
+    * ``neuron``: graphs loaded from ``settings.compiled_dir`` (checked against ``loaded``);
+    * ``cpu`` + ``jit_decoder``: encoder traced at batch 1 (batch-generic), step quantized to int8
+      (``quantize_decoder``) and traced once per bucket; these are what the graph cache saves;
+    * otherwise eager modules (the step traced lazily per bucket on CUDA with ``jit_decoder``).
+    """
+    import torch
+
+    from batch_job.inference import DecoderStepGraph, EncoderGraph
+
+    config = loaded.model.config
+    heads = int(config.decoder_attention_heads)
+    dims = ModelDims(
+        layers=int(config.decoder_layers),
+        heads=heads,
+        d_model=int(config.d_model),
+        n_mels=int(config.num_mel_bins),
+        vocab_size=int(config.vocab_size),
+        max_target_positions=int(config.max_target_positions),
+        cache_len=engine_cache_len(config.max_target_positions, settings.max_new_tokens),
+    )
+    torch_device = torch.device("cuda" if device == "cuda" else "cpu")
+    model = loaded.model.to(torch_device, dtype=torch.float32).eval()
+    encoder = EncoderGraph(model).eval()
+    step = DecoderStepGraph(model).eval()
+    extra: dict = {}
+    if device == "neuron":
+        from batch_job.neuron.runtime import load_compiled
+
+        compiled = load_compiled(settings.compiled_dir, loaded, cache_len=dims.cache_len)
+        graphs = {b: BucketGraphs(c.encode, c.step) for b, c in compiled.items()}
+    else:
+        sizes = batch_buckets(settings.batch_size)
+        if device == "cpu" and settings.quantize_decoder:
+            step = torch.ao.quantization.quantize_dynamic(step, {torch.nn.Linear}, dtype=torch.qint8)
+        if uses_graph_cache(settings, device):
+            encoder_script, step_script = graph_cache.trace_cpu_graphs(encoder, step, dims, sizes, loaded.sot)
+            graphs = graph_cache.bucket_graphs(encoder_script, step_script, sizes)
+            extra = {"encoder_script": encoder_script, "step_script": step_script}
+        elif settings.jit_decoder:
+            # One traced step graph per bucket (shapes differ), traced on first use.
+            graphs = {b: BucketGraphs(encoder, LazyTracedStep(step)) for b in sizes}
+        else:
+            graphs = {b: BucketGraphs(encoder, step) for b in sizes}
+    tokenizer = loaded.tokenizer
+    return ModelBundle(
+        name=loaded.name,
+        checksum=loaded.checksum,
+        tokens=special_tokens(loaded),
+        dims=dims,
+        text=TokenizerText(tokenizer.backend_tokenizer, bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))),
+        mel=MelFrontend.from_feature_extractor(loaded.feature_extractor),
+        graphs=graphs,
+        loaded=loaded,
+        extra=extra,
+    )
+
+
+class Engine:
+    """Per-bucket static-cache inference over a :class:`~batch_job.graph_cache.ModelBundle`. Build with :meth:`load`.
+
+    ``source`` is a bundle (from the graph cache or :func:`model_bundle`) or a
+    :class:`~batch_job.models.LoadedModel` (built into a bundle here, nothing cached).
+    """
+
+    def __init__(self, source, settings: Settings, device: str, load_seconds: float) -> None:
         import torch
 
-        from batch_job.inference import CacheShape, DecoderStepGraph, EncoderGraph, StaticCacheInference
+        from batch_job.inference import CacheShape, StaticCacheInference
 
-        self.loaded = loaded
+        bundle = source if isinstance(source, ModelBundle) else model_bundle(source, settings, device)
+        self.bundle = bundle
+        self._loaded = bundle.loaded
         self.settings = settings
         self.device = device
-        self.model_name = loaded.name
-        self.tokenizer = loaded.tokenizer
-        self.feature_extractor = loaded.feature_extractor
-        self.tokens = special_tokens(loaded)
-        self.max_new_tokens = settings.max_new_tokens
-        config = loaded.model.config
-        self.cache_len = min(config.max_target_positions, self.max_new_tokens + PROMPT_SLOTS)
+        self.model_name = bundle.name
+        self.tokens = bundle.tokens
+        self.dims = bundle.dims
+        self.cache_len = bundle.dims.cache_len
         self.max_new_tokens = self.cache_len - PROMPT_SLOTS
         torch_device = torch.device("cuda" if device == "cuda" else "cpu")
-        model = loaded.model.to(torch_device, dtype=torch.float32).eval()
-        encoder = EncoderGraph(model).eval()
-        step = DecoderStepGraph(model).eval()
-        if device == "neuron":
-            from batch_job.neuron.runtime import load_compiled
-
-            compiled = load_compiled(settings.compiled_dir, loaded, cache_len=self.cache_len)
-            sizes = tuple(sorted(compiled))
-        else:
-            if device == "cpu" and settings.quantize_decoder:
-                step = torch.ao.quantization.quantize_dynamic(step, {torch.nn.Linear}, dtype=torch.qint8)
-            sizes = batch_buckets(settings.batch_size)
-            if settings.jit_decoder:
-                # One traced step graph per bucket (shapes differ), traced on first use so
-                # start-up stays fast; removes Python dispatch from every decoder step.
-                compiled = {b: _Graphs(encoder, LazyTracedStep(step)) for b in sizes}
-            else:
-                compiled = {b: _Graphs(encoder, step) for b in sizes}
-        self.buckets = sizes
-        self.max_batch = max(sizes)
-        heads = config.decoder_attention_heads
+        self.buckets = tuple(sorted(bundle.graphs))
+        self.max_batch = max(self.buckets)
+        dims = bundle.dims
         self._inference = {
             b: StaticCacheInference(
-                compiled[b].encode,
-                compiled[b].step,
-                CacheShape(config.decoder_layers, b, heads, self.cache_len, config.d_model // heads),
+                bundle.graphs[b].encode,
+                bundle.graphs[b].step,
+                CacheShape(dims.layers, b, dims.heads, self.cache_len, dims.head_dim),
                 device=torch_device,
                 dtype=torch.float32,
             )
-            for b in sizes
+            for b in self.buckets
         }
         self.load_seconds = load_seconds
 
+    @property
+    def loaded(self):
+        """The transformers :class:`~batch_job.models.LoadedModel` (loaded on first access after a cache hit)."""
+        if self._loaded is None:
+            from batch_job.models import load_model
+
+            _quiet_libraries()
+            self._loaded = load_model(self.settings.model, cache_dir=self.settings.cache_dir)
+        return self._loaded
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def feature_extractor(self):
+        return self.loaded.feature_extractor
+
     @classmethod
     def load(cls, settings: Settings) -> "Engine":
-        """Load ``settings.model`` for ``settings.device``; raises ModelError with a clear reason."""
+        """Load ``settings.model`` for ``settings.device``; raises ModelError with a clear reason.
+
+        On CPU with ``jit_decoder`` the graphs come from the graph cache when present (no
+        transformers import, no quantization, no tracing); otherwise they are built from the
+        checkpoint and saved there for the next start.
+        """
         t0 = time.perf_counter()
         import torch
 
-        from batch_job.models import load_model
-
-        _quiet_libraries()
+        _quiet_warnings()
         threads = settings.threads or _cores()
         torch.set_num_threads(threads)
         device = resolve_device(settings.device)
-        try:
-            loaded = load_model(settings.model, cache_dir=settings.cache_dir)
-        except ModelError:
-            raise
-        except Exception as exc:  # corrupt checkpoint, wrong architecture, ...
-            raise ModelError(f"cannot load model {settings.model!r}: {exc}") from exc
-        engine = cls(loaded, settings, device, 0.0)
+        bundle = None
+        cached = _CacheSlot.for_settings(settings) if uses_graph_cache(settings, device) else None
+        if cached is not None:
+            bundle = graph_cache.load(cached.root, cached.key, buckets=cached.buckets, model_name=settings.model)
+        if bundle is None:
+            from batch_job.models import load_model
+
+            _quiet_libraries()
+            try:
+                loaded = load_model(settings.model, cache_dir=settings.cache_dir)
+                bundle = model_bundle(loaded, settings, device)
+            except ModelError:
+                raise
+            except Exception as exc:  # corrupt checkpoint, wrong architecture, ...
+                raise ModelError(f"cannot load model {settings.model!r}: {exc}") from exc
+            if cached is not None and "step_script" in bundle.extra:
+                cached.save(bundle, settings)
+        engine = cls(bundle, settings, device, 0.0)
         engine.load_seconds = time.perf_counter() - t0
-        log.info("model %s ready on %s in %.2f s (buckets %s)", engine.model_name, device, engine.load_seconds, engine.buckets)
+        log.info(
+            "model %s ready on %s in %.2f s (buckets %s, %s)", engine.model_name, device, engine.load_seconds,
+            engine.buckets, "graph cache" if bundle.source == "cache" else "built from the checkpoint",
+        )
         return engine
 
     def check_language(self, language: str) -> str:
@@ -179,18 +273,15 @@ class Engine:
     def text(self, tokens: Sequence[int]) -> str:
         """Text of the non-special tokens (timestamps and specials removed)."""
         eot = self.tokens.eot
-        return self.tokenizer.decode([t for t in tokens if t < eot], skip_special_tokens=True)
+        return self.bundle.text([t for t in tokens if t < eot])
 
     def log_mel(self, rows: Sequence[np.ndarray], batch: int):
         """``rows`` of <= 30 s audio -> log-mel ``[batch, n_mels, 3000]`` (rows past ``len(rows)`` are silence)."""
-        import torch
-
         padded = np.zeros((batch, WINDOW_SAMPLES), dtype=np.float32)
         for i, row in enumerate(rows):
             n = min(len(row), WINDOW_SAMPLES)
             padded[i, :n] = row[:n]
-        mel = self.feature_extractor._torch_extract_fbank_features(padded, "cpu")
-        return torch.from_numpy(mel)
+        return self.bundle.mel(padded)
 
     def decode(
         self, rows: Sequence[np.ndarray], options: DecodingOptions, *, temperatures: Sequence[float] | None = None
@@ -235,15 +326,70 @@ def special_tokens(loaded) -> SpecialTokens:
 
 
 def _quiet_libraries() -> None:
-    """No weight-loading progress bars or deprecation chatter in job logs and CLI output."""
-    import warnings
-
+    """No weight-loading progress bars or deprecation chatter in job logs and CLI output (imports transformers)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    _quiet_warnings()
+
+
+def _quiet_warnings() -> None:
+    import warnings
+
     warnings.filterwarnings("ignore", message=r".*quantiz.*deprecated", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*deprecated", category=DeprecationWarning)
+
+
+@dataclass(frozen=True)
+class _CacheSlot:
+    """Where this engine's CPU graphs live in the graph cache (key computed without loading the model)."""
+
+    root: Path
+    key: str
+    buckets: tuple[int, ...]
+    broken: bool
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> "_CacheSlot | None":
+        from batch_job.models import resolve_checkpoint, weights_checksum
+
+        try:
+            checkpoint = resolve_checkpoint(settings.model, settings.cache_dir)
+            checksum = weights_checksum(checkpoint)
+            max_positions = graph_cache.checkpoint_max_positions(checkpoint)
+        except Exception as exc:  # noqa: BLE001 - the cold path reports model errors properly
+            log.debug("graph cache: no key for %s (%s)", settings.model, exc)
+            return None
+        buckets = batch_buckets(settings.batch_size)
+        key = graph_cache.cache_key(_key_fields(settings, checksum, engine_cache_len(max_positions, settings.max_new_tokens), buckets))
+        root = graph_cache.cache_root(settings.cache_dir)
+        return cls(root, key, buckets, (root / key).exists())
+
+    def save(self, bundle: ModelBundle, settings: Settings) -> None:
+        fields = _key_fields(settings, bundle.checksum, bundle.dims.cache_len, self.buckets)
+        key = graph_cache.cache_key(fields)
+        loaded = bundle.loaded
+        graph_cache.save(
+            self.root,
+            key,
+            fields,
+            encoder=bundle.extra["encoder_script"],
+            steps=bundle.extra["step_script"],
+            tokens=bundle.tokens,
+            dims=bundle.dims,
+            mel=bundle.mel,
+            tokenizer_json=loaded.tokenizer.backend_tokenizer.to_str(),
+            clean_up_spaces=bundle.text.clean_up_spaces,
+            model_name=bundle.name,
+            replace_broken=self.broken and key == self.key,
+        )
+
+
+def _key_fields(settings: Settings, checksum: str, cache_len: int, buckets: Sequence[int]) -> dict:
+    return graph_cache.key_fields(
+        checksum=checksum, cache_len=cache_len, buckets=buckets, quantize=settings.quantize_decoder, jit=settings.jit_decoder
+    )
 
 
 def _cores() -> int:
