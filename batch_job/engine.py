@@ -40,17 +40,16 @@ PROMPT_SLOTS = 4  # <|sot|> <|lang|> <|task|> (+ <|notimestamps|>)
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
-    """Batch sizes the engine keeps graphs for: powers of two below ``max_batch``, and ``max_batch``.
+    """Batch sizes the CPU/CUDA engine keeps graphs for: every size from 1 to ``max_batch``.
 
-    A batch of ``n`` windows runs on the smallest bucket >= n, so a short file on CPU does not pay
-    the encoder for ``max_batch - n`` padding rows.
+    A batch of ``n`` windows runs on the bucket of size ``n`` exactly, so a job whose file has
+    five windows does not pay the encoder for three padding rows. (Each bucket is one more traced
+    method in the graph cache, sharing the weights; Neuron compiles only the sizes it is asked
+    for, since each costs a compilation and device memory.)
     """
-    sizes = {max_batch}
-    b = 1
-    while b < max_batch:
-        sizes.add(b)
-        b *= 2
-    return tuple(sorted(sizes))
+    if max_batch < 1:
+        raise ValueError(f"batch size must be at least 1, got {max_batch}")
+    return tuple(range(1, max_batch + 1))
 
 
 def resolve_device(requested: str) -> str:

@@ -84,7 +84,7 @@ def _entries(settings) -> list[Path]:
 def test_warm_engine_decodes_like_cold(cold, warm, rows):
     from batch_job.decoding import DecodingOptions
 
-    assert warm.buckets == cold.buckets == (1, 2, 4)
+    assert warm.buckets == cold.buckets == (1, 2, 3, 4)
     assert warm.tokens == cold.tokens and warm.cache_len == cold.cache_len == MAX_TOKENS + 4
     assert warm.max_new_tokens == cold.max_new_tokens
     options = DecodingOptions(max_new_tokens=cold.max_new_tokens)
