@@ -174,6 +174,10 @@ class StaticCacheInference:
         self.self_k.zero_()
         self.self_v.zero_()
 
+    def finish(self) -> None:
+        """Drop the batch's cross-attention K/V (``2 x [L, B, H, 1500, Dh]``, the largest buffers)."""
+        self.cross_k = self.cross_v = None
+
     def logits(self, tokens: Tensor, position: int) -> Tensor:
         if position >= self.shape.length:
             raise IndexError(f"position {position} is past the static cache length {self.shape.length}")
