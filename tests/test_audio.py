@@ -269,7 +269,10 @@ import numpy as np
 import psutil
 from batch_job.audio import load_audio
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process image's own peak RSS. (ru_maxrss is not used: Linux carries the
+    # parent's high-water mark across fork+exec, so a big pytest parent inflates it.)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 before = psutil.Process().memory_info().rss / 2**20  # current RSS, not the import-time peak
 audio = load_audio(sys.argv[1])
 print(json.dumps({"before_mb": before, "after_mb": peak_mb(), "samples": len(audio)}))
