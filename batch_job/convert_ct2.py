@@ -286,7 +286,7 @@ def _split_projection(
 
 
 @dataclass(frozen=True)
-class SpecialTokens:
+class VocabularySpecialIds:
     """Special token ids of a Whisper vocabulary, read from ``vocabulary.txt`` (never assumed)."""
 
     eot: int
@@ -306,7 +306,7 @@ _LANGUAGE_TOKEN = re.compile(r"^<\|[a-z]{2,3}\|>$")
 _TIMESTAMP_TOKEN = re.compile(r"^<\|(\d+\.\d\d)\|>$")
 
 
-def special_tokens_from_vocabulary(tokens: Sequence[str]) -> SpecialTokens:
+def special_tokens_from_vocabulary(tokens: Sequence[str]) -> VocabularySpecialIds:
     """Locate Whisper's special tokens in a CTranslate2 ``vocabulary.txt`` token list."""
     index = {tok: i for i, tok in enumerate(tokens)}
 
@@ -319,7 +319,7 @@ def special_tokens_from_vocabulary(tokens: Sequence[str]) -> SpecialTokens:
     sot = need("<|startoftranscript|>")
     translate = need("<|translate|>")
     languages = {tok: i for tok, i in index.items() if sot < i < translate and _LANGUAGE_TOKEN.match(tok)}
-    return SpecialTokens(
+    return VocabularySpecialIds(
         eot=need("<|endoftext|>"),
         sot=sot,
         translate=translate,
@@ -333,7 +333,7 @@ def special_tokens_from_vocabulary(tokens: Sequence[str]) -> SpecialTokens:
     )
 
 
-def whisper_config(variables: dict[str, np.ndarray], special: SpecialTokens) -> dict:
+def whisper_config(variables: dict[str, np.ndarray], special: VocabularySpecialIds) -> dict:
     """``WhisperConfig`` fields inferred from the weight shapes and special tokens."""
     vocab_size, d_model = variables["decoder/embeddings/weight"].shape
     return {
@@ -365,7 +365,7 @@ def whisper_config(variables: dict[str, np.ndarray], special: SpecialTokens) -> 
     }
 
 
-def generation_config(ct2_config: dict, special: SpecialTokens, *, multilingual: bool, max_length: int) -> dict:
+def generation_config(ct2_config: dict, special: VocabularySpecialIds, *, multilingual: bool, max_length: int) -> dict:
     """``GenerationConfig`` fields as openai/HF define them for Whisper.
 
     Suppression lists and alignment heads come from the CTranslate2 ``config.json`` (which took
@@ -425,7 +425,7 @@ def feature_extractor_config(n_mels: int) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def tokenizer_files(tokenizer_json: dict, vocabulary: Sequence[str], special: SpecialTokens) -> dict[str, dict]:
+def tokenizer_files(tokenizer_json: dict, vocabulary: Sequence[str], special: VocabularySpecialIds) -> dict[str, dict]:
     """``tokenizer.json`` with the timestamp tokens added (ids from ``vocabulary.txt``) + configs.
 
     The packaged ``tokenizer.json`` stops at ``<|notimestamps|>``. Timestamps are added as

@@ -21,14 +21,17 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from batch_job.decoding import DecodingOptions, DecodingResult, SpecialTokens, compression_ratio
+from batch_job.decoding import DecodingOptions, DecodingResult, compression_ratio
 from batch_job.result import Segment, Transcript
 from batch_job.segment import Packed
 from batch_job.settings import Settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batch_job.engine import Engine
 
 log = logging.getLogger(__name__)
 
