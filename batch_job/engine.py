@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from batch_job import graph_cache
+from batch_job.audio import SAMPLE_RATE
 from batch_job.decoding import DecodingOptions, DecodingResult, SpecialTokens, decode_batch
 from batch_job.errors import ModelError
 from batch_job.graph_cache import BucketGraphs, MelFrontend, ModelBundle, ModelDims, TokenizerText
@@ -35,7 +36,7 @@ from batch_job.settings import Settings
 
 log = logging.getLogger(__name__)
 
-WINDOW_SAMPLES = 480_000  # 30 s at 16 kHz
+WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's fixed 30 s input
 PROMPT_SLOTS = 4  # <|sot|> <|lang|> <|task|> (+ <|notimestamps|>)
 
 

@@ -53,7 +53,6 @@ from batch_job import __version__, exit_codes
 from batch_job.errors import InterruptedJobError, ModelError, WhisperBatchError
 from batch_job.settings import Settings
 
-SAMPLE_RATE = 16_000
 #: Output prefix when neither ``--output`` nor ``WHISPER_BATCH_OUTPUT_URI`` is given.
 DEFAULT_OUTPUT_PREFIX = "transcripts/"
 #: Tag on every error marker: the stack's lifecycle rule expires objects under the output prefix
@@ -313,7 +312,7 @@ def run_job(
             log("download", seconds=figures["download_seconds"], bytes=info.size)
 
             # 5. decode audio (before the model: bad input fails fast and cheap) -------------
-            from batch_job.audio import load_audio
+            from batch_job.audio import SAMPLE_RATE, load_audio
 
             t_proc = time.monotonic()
             audio = load_audio(local, max_seconds=settings.max_audio_seconds)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from batch_job.decoding import DecodingOptions, DecodingResult, compression_ratio
+from batch_job.audio import SAMPLE_RATE
 from batch_job.result import Segment, Transcript
 from batch_job.segment import Packed
 from batch_job.settings import Settings
@@ -35,8 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
-WINDOW_SAMPLES = 30 * SAMPLE_RATE
 SECONDS_PER_TIMESTAMP = 0.02
 NO_SPACE_LANGUAGES = frozenset({"ja", "zh", "yue", "th", "lo", "my"})
 PAUSE_SECONDS = 0.6
