@@ -17,6 +17,7 @@ non-overlapping, so timestamps inside a window map back to the file by adding ``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -307,6 +308,10 @@ class Packed:
             result = min(a + (sample - w0), b)
         return result
 
+    def place(self, start: int, end: int) -> tuple[int, int]:
+        """A stretch ``[start, end)`` of the window (samples) -> the same stretch in the file."""
+        return self.to_file(start), self.to_file(end)
+
     def tail(self, sample: int) -> "Packed | None":
         """What remains of the window after ``sample`` (window coordinates), or None."""
         rest: list[tuple[int, int]] = []
@@ -342,3 +347,107 @@ def pack_windows(
     if current:
         packed.append(Packed(tuple(current), gap))
     return packed
+
+
+
+@dataclass(frozen=True)
+class Joined:
+    """Windows of one file that lie apart in the file, sharing ONE encoder pass.
+
+    The undecoded tail of a window (often 2-8 s) and a file's short windows would each cost a
+    full 30 s encoder pass. Joined, their audio is concatenated in file order with ``gap``
+    samples of silence between the parts. Since the parts are far apart in the file, a decoded
+    segment belongs to ONE part: the one it overlaps most (:meth:`place`), so a timestamp that
+    strays a little across a join never moves text to another place in the file.
+    """
+
+    parts: tuple[Packed, ...]
+    """The joined windows, in file order, non-overlapping."""
+    gap: int = 0
+
+    @property
+    def samples(self) -> int:
+        return sum(p.samples for p in self.parts) + self.gap * (len(self.parts) - 1)
+
+    @property
+    def start(self) -> int:
+        return self.parts[0].start
+
+    def _offsets(self) -> list[int]:
+        out, pos = [], 0
+        for p in self.parts:
+            out.append(pos)
+            pos += p.samples + self.gap
+        return out
+
+    def audio(self, audio: np.ndarray) -> np.ndarray:
+        """The joined window's samples."""
+        silence = np.zeros(self.gap, dtype=audio.dtype)
+        rows: list[np.ndarray] = []
+        for i, p in enumerate(self.parts):
+            if i:
+                rows.append(silence)
+            rows.append(p.audio(audio))
+        return np.concatenate(rows)
+
+    def place(self, start: int, end: int) -> tuple[int, int]:
+        """A stretch of the window -> the file, inside the part it overlaps most (the first on a tie)."""
+        best, best_overlap = 0, -1
+        for i, (w0, p) in enumerate(zip(self._offsets(), self.parts)):
+            overlap = min(end, w0 + p.samples) - max(start, w0)
+            if overlap > best_overlap:
+                best, best_overlap = i, overlap
+        w0, part = self._offsets()[best], self.parts[best]
+        a = min(max(start - w0, 0), part.samples)
+        b = min(max(end - w0, a), part.samples)
+        return part.place(a, b)
+
+    def tail(self, sample: int) -> "Packed | Joined | None":
+        """What remains of the window after ``sample`` (window coordinates), or None."""
+        rest: list[Packed] = []
+        for w0, p in zip(self._offsets(), self.parts):
+            if sample <= w0:
+                rest.append(p)
+            elif sample < w0 + p.samples:
+                t = p.tail(sample - w0)
+                if t is not None:
+                    rest.append(t)
+        if not rest:
+            return None
+        return rest[0] if len(rest) == 1 else Joined(tuple(rest), self.gap)
+
+
+EncoderWindow = Packed | Joined
+"""What one row of an encoder batch holds: packed neighbouring stretches, or joined distant ones."""
+
+
+def join_windows(windows: Sequence[EncoderWindow]) -> EncoderWindow:
+    """One :class:`Joined` window of ``windows`` (same file, same gap), parts in file order."""
+    gaps = {w.gap for w in windows}
+    if len(gaps) != 1:
+        raise ValueError(f"cannot join windows with different gaps: {sorted(gaps)}")
+    parts = sorted((p for w in windows for p in (w.parts if isinstance(w, Joined) else (w,))), key=lambda p: p.start)
+    if any(a.spans[-1][1] > b.start for a, b in zip(parts, parts[1:])):
+        raise ValueError("cannot join overlapping windows")
+    return parts[0] if len(parts) == 1 else Joined(tuple(parts), gaps.pop())
+
+def group_to_fill(windows: Sequence[EncoderWindow], *, max_samples: int) -> list[list[int]]:
+    """Group windows so each group joined (:func:`join_windows`) fits in ``max_samples``.
+
+    First-fit decreasing: fewest groups in practice, so the fewest encoder passes. Returns lists
+    of indices into ``windows``, longest group first; a window too long to share stays alone.
+    """
+    order = sorted(range(len(windows)), key=lambda i: windows[i].samples, reverse=True)
+    groups: list[list[int]] = []
+    lengths: list[int] = []
+    for i in order:
+        w = windows[i]
+        for g, used in enumerate(lengths):
+            if windows[groups[g][0]].gap == w.gap and used + w.gap + w.samples <= max_samples:
+                groups[g].append(i)
+                lengths[g] = used + w.gap + w.samples
+                break
+        else:
+            groups.append([i])
+            lengths.append(w.samples)
+    return groups

@@ -28,7 +28,7 @@ import numpy as np
 from batch_job.decoding import DecodingOptions, DecodingResult, compression_ratio
 from batch_job.audio import SAMPLE_RATE
 from batch_job.result import Segment, Transcript
-from batch_job.segment import Packed
+from batch_job.segment import EncoderWindow, group_to_fill, join_windows
 from batch_job.settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 SECONDS_PER_TIMESTAMP = 0.02
 NO_SPACE_LANGUAGES = frozenset({"ja", "zh", "yue", "th", "lo", "my"})
+WINDOW_SECONDS = 30
+"""Whisper's fixed input length: no encoder window holds more audio than this."""
 PAUSE_SECONDS = 0.6
 """Pauses at least this long split speech into pieces that are then packed into windows."""
 PACK_GAP_SECONDS = 0.4
@@ -62,7 +64,7 @@ class _Task:
     """One encoder window (or the tail of one) waiting to be decoded."""
 
     file: int
-    window: Packed  # spans of the file (samples), packed into one <= 30 s window
+    window: EncoderWindow  # stretches of the file (samples) decoded as one <= 30 s window
     attempt: int = 0  # index into Guards.temperatures
     continuation: int = 0
     best: tuple[DecodingResult, float] | None = None  # best failed attempt and its compression ratio
@@ -195,6 +197,10 @@ class Transcriber:
 
         yield from admit()
         while queue:
+            joined = _share_encoder_passes(queue, files)
+            if joined:
+                total_windows -= joined
+                bar.total = total_windows
             # Longest first: rows of a batch then need similar numbers of decoder steps.
             queue.sort(key=lambda t: t.samples, reverse=True)
             tasks, queue[:] = queue[:batch], queue[batch:]
@@ -269,9 +275,6 @@ class Transcriber:
         window = task.window
         window_s = task.samples / SAMPLE_RATE
 
-        def file_time(t: float) -> float:
-            return window.to_file(int(round(t * SAMPLE_RATE))) / SAMPLE_RATE
-
         is_ts = [t >= tb for t in toks]
         boundaries = [i for i in range(1, len(toks)) if is_ts[i] and is_ts[i - 1]]
         single_ending = len(toks) >= 2 and is_ts[-1] and not is_ts[-2]
@@ -282,7 +285,8 @@ class Transcriber:
             if text:
                 start_s = min(max(start_s, 0.0), window_s)
                 end_s = min(max(end_s, start_s), window_s)
-                out.append((file_time(start_s), file_time(end_s), text, window.start))
+                a, b = window.place(int(round(start_s * SAMPLE_RATE)), int(round(end_s * SAMPLE_RATE)))
+                out.append((a / SAMPLE_RATE, b / SAMPLE_RATE, text, window.start))
 
         if boundaries:
             cuts = boundaries + ([len(toks)] if single_ending else [])
@@ -308,8 +312,13 @@ class Transcriber:
     def _finish(self, state: _FileState, options: DecodingOptions) -> FileResult:
         duration = len(state.audio) / SAMPLE_RATE
         ordered = sorted(state.segments, key=lambda s: (s[0], s[3]))
+        # A segment ends no later than the next one starts: one that ran across the gap between
+        # two joined, distant stretches of the file is cut there, instead of pushing the start
+        # of everything in between.
+        next_starts = [s[0] for s in ordered[1:]] + [duration]
         segments: list[Segment] = []
-        for start, end, text, _ in ordered:
+        for (start, end, text, _), next_start in zip(ordered, next_starts):
+            end = min(end, max(next_start, start))
             start = round(min(max(start, segments[-1].end if segments else 0.0), duration), 3)
             end = round(min(max(end, start), duration), 3)
             segments.append(Segment(start=start, end=end, text=text))
@@ -325,6 +334,37 @@ class Transcriber:
             timings={k: round(v, 4) for k, v in state.timings.items()},
         )
         return FileResult(state.name, transcript, None)
+
+
+def _share_encoder_passes(queue: list[_Task], files: dict[int, "_FileState"]) -> int:
+    """Join each file's queued short windows so that they share encoder passes; returns tasks saved.
+
+    A window's undecoded tail (often 2-8 s) and a file's short windows would each cost a full
+    30 s encoder pass; joined (:func:`~batch_job.segment.join_windows`, first-fit decreasing, at most 30 s), they
+    cost one. Only first attempts are joined: a temperature retry re-decodes its window as it was.
+    (On 681 s of joined clips: 7 tails of 36 s in all took 7 passes, see docs/benchmarks.md.)
+    """
+    by_file: dict[int, list[_Task]] = defaultdict(list)
+    for t in queue:
+        if t.attempt == 0:
+            by_file[t.file].append(t)
+    joined: list[_Task] = []
+    gone: set[int] = set()
+    for file, tasks in by_file.items():
+        if len(tasks) < 2:
+            continue
+        groups = group_to_fill([t.window for t in tasks], max_samples=WINDOW_SECONDS * SAMPLE_RATE)
+        for group in (g for g in groups if len(g) > 1):
+            parts = [tasks[i] for i in group]
+            gone.update(id(t) for t in parts)
+            window = join_windows([t.window for t in parts])
+            joined.append(_Task(file, window, continuation=max(t.continuation for t in parts)))
+        files[file].pending -= len(tasks) - len(groups)
+    if not joined:
+        return 0
+    before = len(queue)
+    queue[:] = [t for t in queue if id(t) not in gone] + joined
+    return before - len(queue)
 
 
 def _drop_repeats(segments: list[tuple[float, float, str, int]]) -> list[tuple[float, float, str, int]]:

@@ -161,6 +161,65 @@ def test_unconsumed_tail_is_requeued():
     assert state.segments[0][:3] == (0.0, 5.0, "hello")
 
 
+class _ScriptedEngine(_FakeEngine):
+    """A fake engine whose model leaves the last 10 s of any row over 22 s undecoded.
+
+    Each row gets one segment "hello" from 0 s to (length - 10) s, then a segment start and a
+    stop: the decoding loop's tail case. Shorter rows are read whole, as two segments (one per
+    half). Records every batch.
+    """
+
+    max_batch = 8
+    max_new_tokens = 224
+
+    def __init__(self) -> None:
+        super().__init__({1: " hello"})
+        self.batches: list[list[float]] = []
+
+    def decode(self, rows, options, *, temperatures):
+        ts = lambda s: 1002 + int(round(s / 0.02))  # noqa: E731
+        self.batches.append([round(len(r) / 16000, 1) for r in rows])
+        results = []
+        for row in rows:
+            seconds = len(row) / 16000
+            if seconds > 22:
+                toks = [ts(0), 1, ts(seconds - 10), ts(seconds - 10)]
+            else:  # two segments, halves of the row
+                toks = [ts(0), 1, ts(seconds / 2), ts(seconds / 2), 1, ts(seconds)]
+            results.append(_result(toks))
+        return results, {}
+
+
+def test_tails_of_distant_windows_share_one_encoder_pass():
+    """Two 25 s stretches, far apart: both leave a 10 s tail, and the two tails take ONE pass."""
+    rng = np.random.default_rng(0)
+    audio = np.zeros(16000 * 70, np.float32)
+    for a, b in ((0, 25), (40, 65)):
+        audio[a * 16000 : b * 16000] = rng.normal(0, 0.1, (b - a) * 16000)
+    engine = _ScriptedEngine()
+    tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
+    t = tr.transcribe(audio)
+    first, *rest = engine.batches
+    assert len(first) == 2 and all(24 <= n <= 26 for n in first)  # one window per stretch
+    assert len(rest) == 1 and len(rest[0]) == 1  # the two tails, joined
+    assert 20 <= rest[0][0] <= 22
+    # Four segments in file order: each tail's text lands in its own stretch of the file
+    # (a join's times do not send the second tail's words to the first stretch).
+    starts = [s.start for s in t.segments]
+    assert starts == sorted(starts) and len(starts) == 4
+    assert 14 <= starts[1] <= 16 and 39 <= starts[2] <= 41 and 54 <= starts[3] <= 56
+    assert all(s.end <= n.start for s, n in zip(t.segments, t.segments[1:]))
+
+
+def test_finish_cuts_a_segment_that_runs_past_the_next_one():
+    engine = _FakeEngine({})
+    tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
+    state = _FileState(name="x", audio=np.zeros(16000 * 400, np.float32))
+    state.segments = [(10.0, 300.0, "runs across a join", 0), (50.0, 55.0, "later", 1), (300.0, 305.0, "last", 2)]
+    t = tr._finish(state, DecodingOptions()).transcript
+    assert [(s.start, s.end) for s in t.segments] == [(10.0, 50.0), (50.0, 55.0), (300.0, 305.0)]
+
+
 # ---------------------------------------------------------------- timestamp rules vs a per-row reference
 
 
