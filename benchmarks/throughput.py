@@ -443,7 +443,8 @@ def render_notes(meta: dict) -> str:
 
 def write_docs(section: str) -> None:
     text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    # Up to the next heading of level 2 or 3: the hand-written analysis under "###" is kept.
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^##?# |\Z)", re.S | re.M)
     block = section.rstrip() + "\n\n"
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text, count=1)
