@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from batch_job.errors import MissingInputError, StorageError, TooLargeError, WhisperBatchError
 
@@ -108,19 +109,26 @@ def _storage_error(action: str, uri: str, exc: BaseException) -> StorageError:
     return StorageError(f"S3 {action} {uri} failed: {detail}")
 
 
-def head_object(client, bucket: str, key: str) -> ObjectInfo:
-    """HEAD the input. ``MissingInputError`` if absent, ``StorageError`` on other failures."""
+@contextmanager
+def _read_errors(action: str, uri: str, missing: str) -> Iterator[None]:
+    """Map a read's botocore errors: not found -> ``MissingInputError(missing)``, else ``StorageError``."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    uri = f"s3://{bucket}/{key}"
     try:
-        resp = client.head_object(Bucket=bucket, Key=key)
+        yield
     except ClientError as exc:
         if error_code(exc) in _NOT_FOUND_CODES:
-            raise MissingInputError(f"input object does not exist: {uri}") from None
-        raise _storage_error("HEAD", uri, exc) from exc
+            raise MissingInputError(missing) from None
+        raise _storage_error(action, uri, exc) from exc
     except BotoCoreError as exc:
-        raise _storage_error("HEAD", uri, exc) from exc
+        raise _storage_error(action, uri, exc) from exc
+
+
+def head_object(client, bucket: str, key: str) -> ObjectInfo:
+    """HEAD the input. ``MissingInputError`` if absent, ``StorageError`` on other failures."""
+    uri = f"s3://{bucket}/{key}"
+    with _read_errors("HEAD", uri, f"input object does not exist: {uri}"):
+        resp = client.head_object(Bucket=bucket, Key=key)
     return ObjectInfo(bucket=bucket, key=key, size=int(resp.get("ContentLength", 0)),
                       etag=str(resp.get("ETag", "")), version_id=resp.get("VersionId") or None)
 
@@ -235,17 +243,10 @@ def get_json(client, bucket: str, key: str) -> dict[str, Any] | None:
 
 def get_text(client, bucket: str, key: str) -> str:
     """A whole object as UTF-8 text (``MissingInputError`` if absent)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     uri = f"s3://{bucket}/{key}"
-    try:
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
-    except ClientError as exc:
-        if error_code(exc) in _NOT_FOUND_CODES:
-            raise MissingInputError(f"object does not exist: {uri}") from None
-        raise _storage_error("GET", uri, exc) from exc
-    except BotoCoreError as exc:
-        raise _storage_error("GET", uri, exc) from exc
+    with _read_errors("GET", uri, f"object does not exist: {uri}"):
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return body.decode("utf-8")
 
 
 _CONTENT_TYPES = {
