@@ -3,7 +3,8 @@
 Each run is a fresh `python -m batch_job.cli run-job` process against a local moto_server S3
 (the same code path as on AWS Batch: HEAD, marker check, download, audio decode, model load,
 decode, uploads). Times come from the job's own stage log lines, whose ``elapsed_s`` is measured
-from the process's creation time (psutil), so interpreter start-up and imports are included.
+from the process's creation time (/proc: `batch_job.job.process_start_time`, accurate to a clock
+tick), so interpreter start-up and imports are included.
 
     python benchmarks/job_overhead.py                 # tiny.en on CPU, jfk.flac, 5 runs (+1 warm-up)
     python benchmarks/job_overhead.py --runs 9 --model tiny.en --clip jfk.flac --json out.json

@@ -599,3 +599,26 @@ def test_versioned_bucket_pins_version_id(aws, settings):
     assert run(aws, key, settings, transcriber=StandIn(text="v2"))[0].status == "succeeded"
     marker = get_json(aws, PREFIX + key + ".json")
     assert marker["source"]["version_id"] == second["VersionId"] and marker["text"] == "v2"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_process_age_is_true_to_the_clock():
+    """Stage times count from process creation: the age must match a clock started at launch.
+
+    (psutil's create_time() is off by up to 1 s: it adds the start tick to a boot time the
+    kernel reports in whole seconds.)
+    """
+    import subprocess
+    import time
+
+    from batch_job.job import process_age_seconds
+
+    t0 = time.monotonic()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.5)
+        age, expected = process_age_seconds(child.pid), time.monotonic() - t0
+        assert abs(age - expected) < 0.1, (age, expected)
+    finally:
+        child.kill()
+        child.wait()
