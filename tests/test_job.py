@@ -21,7 +21,7 @@ moto = pytest.importorskip("moto")
 from conftest import shared_clip  # noqa: E402
 
 from batch_job import exit_codes  # noqa: E402
-from batch_job.errors import ModelError, StorageError  # noqa: E402
+from batch_job.errors import StorageError  # noqa: E402
 from batch_job.job import ConfigError, JobContext, JsonLog, manifest_entry, run_job  # noqa: E402
 from batch_job.result import Segment, Transcript  # noqa: E402
 from batch_job.settings import Settings  # noqa: E402
