@@ -14,7 +14,6 @@ import copy
 import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 
