@@ -358,7 +358,10 @@ def _share_encoder_passes(queue: list[_Task], files: dict[int, "_FileState"]) ->
             parts = [tasks[i] for i in group]
             gone.update(id(t) for t in parts)
             window = join_windows([t.window for t in parts])
-            joined.append(_Task(file, window, continuation=max(t.continuation for t in parts)))
+            # The freshest part's budget: a part never decoded must not inherit a long tail chain's
+            # spent continuations (its audio would be dropped at the cap). Still bounded: each
+            # fresh window can renew the budget once.
+            joined.append(_Task(file, window, continuation=min(t.continuation for t in parts)))
         files[file].pending -= len(tasks) - len(groups)
     if not joined:
         return 0

@@ -303,3 +303,22 @@ def test_one_hour_file_stays_under_memory_budget(tmp_path, model_cache_dir):
     peak_kb = int(out.stdout.split("PEAK")[1].split()[0])
     assert peak_kb < 1.5 * 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
     assert (tmp_path / "hour.json").exists()
+
+
+def test_a_joined_window_keeps_the_budget_of_its_freshest_part():
+    """A never-decoded window joined to a tail at the continuation cap must not lose its audio."""
+    from batch_job.transcribe import _share_encoder_passes
+
+    sr = 16000
+    state = _FileState(name="x", audio=np.zeros(sr * 200, np.float32), pending=2)
+    tired_tail = _Task(0, Packed(((10 * sr, 15 * sr),)), continuation=Guards().max_continuations)
+    fresh = _Task(0, Packed(((100 * sr, 120 * sr),)))
+    other_file = _Task(1, Packed(((0, 5 * sr),)))
+    retry = _Task(0, Packed(((150 * sr, 153 * sr),)), attempt=1)
+    queue = [tired_tail, fresh, other_file, retry]
+    saved = _share_encoder_passes(queue, {0: state, 1: _FileState(name="y", audio=np.zeros(sr * 5, np.float32), pending=1)})
+    assert saved == 1 and state.pending == 1
+    joined = [t for t in queue if t.file == 0 and t.attempt == 0]
+    assert len(joined) == 1 and joined[0].continuation == 0
+    assert joined[0].window.samples == 25 * sr + joined[0].window.gap
+    assert other_file in queue and retry in queue  # other files and retries are never joined
