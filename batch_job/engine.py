@@ -32,7 +32,7 @@ from batch_job.audio import SAMPLE_RATE
 from batch_job.decoding import DecodingOptions, DecodingResult, SpecialTokens, decode_batch
 from batch_job.errors import ModelError
 from batch_job.graph_cache import BucketGraphs, MelFrontend, ModelBundle, ModelDims, TokenizerText
-from batch_job.settings import Settings
+from batch_job.settings import Settings, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class Engine:
 
         _quiet_warnings()
         bound_heap_growth()
-        threads = settings.threads or _cores()
+        threads = settings.threads or usable_cores()
         torch.set_num_threads(threads)
         device = resolve_device(settings.device)
         bundle = None
@@ -423,9 +423,3 @@ def _key_fields(settings: Settings, checksum: str, cache_len: int, buckets: Sequ
     return graph_cache.key_fields(
         checksum=checksum, cache_len=cache_len, buckets=buckets, quantize=settings.quantize_decoder, jit=settings.jit_decoder
     )
-
-
-def _cores() -> int:
-    from batch_job.transcribe import default_threads
-
-    return default_threads()

@@ -17,6 +17,14 @@ from typing import Any, Mapping
 ENV_PREFIX = "WHISPER_BATCH_"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (affinity/cgroup-cpuset aware): the default thread and worker count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return str(Path(base) / "whisper-batch")

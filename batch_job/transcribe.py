@@ -16,7 +16,6 @@ decoding loop (:mod:`batch_job.decoding`) over the static KV cache, then per win
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -396,11 +395,3 @@ def _progress_bar(enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=0, unit="window", desc="transcribing", dynamic_ncols=True, leave=False)
-
-
-def default_threads() -> int:
-    """Cores this process may use (cgroup/affinity aware)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)

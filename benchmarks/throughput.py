@@ -220,10 +220,9 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        usable = os.cpu_count() or 1
+    from batch_job.settings import usable_cores
+
+    usable = usable_cores()
     return {
         "nproc": usable,
         "cpu_count": os.cpu_count(),
@@ -455,10 +454,9 @@ def write_docs(section: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        cores = os.cpu_count() or 1
+    from batch_job.settings import usable_cores
+
+    cores = usable_cores()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny.en", help="tiny.en (default) or base (or a checkpoint dir with --ct2-dir)")
     p.add_argument("--threads", type=int, default=cores, help=f"threads for every system (default: available cores, {cores})")

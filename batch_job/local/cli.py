@@ -34,18 +34,12 @@ from batch_job.local import (
     SECRET_ACCESS_KEY,
     state_dir,
 )
+from batch_job.settings import usable_cores
 
 #: Submitter environment as the stack sets it (cloudformation/template.yaml defaults).
 LONG_JOB_MIN_BYTES = 209_715_200
 MAX_OBJECT_BYTES = 2_147_483_648
 SERVICE = "whisper-batch"
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class LocalError(RuntimeError):
@@ -96,7 +90,7 @@ class LocalMode:
                  output_prefix: str = DEFAULT_OUTPUT_PREFIX, poll_interval: float = 1.0, settle: float = 1.0,
                  out: IO[str] | None = None) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
-        self.workers = workers or default_workers()
+        self.workers = workers or usable_cores()
         self.port = port
         self.bucket = bucket
         self.input_prefix = input_prefix
