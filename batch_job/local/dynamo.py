@@ -74,13 +74,8 @@ class DynamoServer:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait for the port, then create the table (retrying while the server warms up)."""
-        from batch_job.local import wait_for_port
-
         assert self.process is not None
-        if not wait_for_port(LOOPBACK, self.port, timeout, alive=self.process.alive) or not self.process.alive():
-            tail = self.process.log_tail()
-            self.process.stop()
-            raise ServerError(f"moto_server did not start on {LOOPBACK}:{self.port}:\n{tail}")
+        self.process.wait_listening(self.port, timeout, "moto_server")
         deadline = time.monotonic() + timeout
         while True:
             try:

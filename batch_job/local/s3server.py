@@ -83,6 +83,14 @@ class ManagedProcess:
         except OSError:
             return ""
 
+    def wait_listening(self, port: int, timeout: float, what: str) -> None:
+        """Wait until the process accepts connections on loopback ``port``; else stop it and raise
+        :class:`ServerError` naming ``what`` with the end of its log."""
+        if not wait_for_port(LOOPBACK, port, timeout, alive=self.alive) or not self.alive():
+            tail = self.log_tail()
+            self.stop()
+            raise ServerError(f"{what} did not start on {LOOPBACK}:{port}:\n{tail}")
+
     def stop(self, timeout: float = 5.0) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
@@ -138,10 +146,7 @@ class S3Server:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         assert self.process is not None
-        if not wait_for_port(LOOPBACK, self.port, timeout, alive=self.process.alive) or not self.process.alive():
-            tail = self.process.log_tail()
-            self.process.stop()
-            raise ServerError(f"rclone serve s3 did not start on {LOOPBACK}:{self.port}:\n{tail}")
+        self.process.wait_listening(self.port, timeout, "rclone serve s3")
 
     def start(self, timeout: float = 20.0) -> "S3Server":
         """Start and wait; with a picked port, retry on another one if that one was taken meanwhile."""
