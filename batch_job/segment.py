@@ -280,13 +280,7 @@ class Packed:
         if len(self.spans) == 1:
             a, b = self.spans[0]
             return audio[a:b]
-        silence = np.zeros(self.gap, dtype=audio.dtype)
-        parts: list[np.ndarray] = []
-        for i, (a, b) in enumerate(self.spans):
-            if i:
-                parts.append(silence)
-            parts.append(audio[a:b])
-        return np.concatenate(parts)
+        return _with_gaps([audio[a:b] for a, b in self.spans], self.gap)
 
     def _offsets(self) -> list[tuple[int, int, int]]:
         """``(window_start, file_start, file_end)`` of each span."""
@@ -323,6 +317,17 @@ class Packed:
         return Packed(tuple(rest), self.gap) if rest else None
 
 
+def _with_gaps(pieces: list[np.ndarray], gap: int) -> np.ndarray:
+    """``pieces`` concatenated with ``gap`` samples of silence between consecutive ones."""
+    silence = np.zeros(gap, dtype=pieces[0].dtype)
+    rows: list[np.ndarray] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            rows.append(silence)
+        rows.append(piece)
+    return np.concatenate(rows)
+
+
 def pack_windows(
     windows: list[Window], *, sample_rate: int = SAMPLE_RATE, max_seconds: float = 30.0, gap_seconds: float = 0.5
 ) -> list[Packed]:
@@ -347,7 +352,6 @@ def pack_windows(
     if current:
         packed.append(Packed(tuple(current), gap))
     return packed
-
 
 
 @dataclass(frozen=True)
@@ -382,22 +386,13 @@ class Joined:
 
     def audio(self, audio: np.ndarray) -> np.ndarray:
         """The joined window's samples."""
-        silence = np.zeros(self.gap, dtype=audio.dtype)
-        rows: list[np.ndarray] = []
-        for i, p in enumerate(self.parts):
-            if i:
-                rows.append(silence)
-            rows.append(p.audio(audio))
-        return np.concatenate(rows)
+        return _with_gaps([p.audio(audio) for p in self.parts], self.gap)
 
     def place(self, start: int, end: int) -> tuple[int, int]:
         """A stretch of the window -> the file, inside the part it overlaps most (the first on a tie)."""
-        best, best_overlap = 0, -1
-        for i, (w0, p) in enumerate(zip(self._offsets(), self.parts)):
-            overlap = min(end, w0 + p.samples) - max(start, w0)
-            if overlap > best_overlap:
-                best, best_overlap = i, overlap
-        w0, part = self._offsets()[best], self.parts[best]
+        placed = list(zip(self._offsets(), self.parts))
+        # max() keeps the first of equal overlaps
+        w0, part = max(placed, key=lambda wp: min(end, wp[0] + wp[1].samples) - max(start, wp[0]))
         a = min(max(start - w0, 0), part.samples)
         b = min(max(end - w0, a), part.samples)
         return part.place(a, b)
