@@ -31,7 +31,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
 if TYPE_CHECKING:  # pragma: no cover
-    from submitter.jobs import Clients, ObjectRef, Submitter
+    from submitter.jobs import Clients, ObjectRef
     from submitter.settings import SubmitterSettings
 
 #: More submittable objects than this -> array job(s) over a manifest.
