@@ -11,7 +11,7 @@ LOCAL_IMAGE=whisper-batch
 
 STACK_NAME=whisper-batch
 REGION=""
-MODEL=tiny.en
+MODEL=openai/whisper-large-v3-turbo   # = the image's default (batch_job/Dockerfile ARG MODEL)
 BATCH_SIZE=8
 MAX_TOKENS=224
 VPC_ID=""
@@ -34,7 +34,9 @@ cloudformation/template.yaml with `aws cloudformation deploy`, and prints where 
 Options:
   --stack-name NAME        CloudFormation stack name (default: whisper-batch)
   --region REGION          AWS region (default: $AWS_REGION, $AWS_DEFAULT_REGION or `aws configure`)
-  --model MODEL            Whisper model baked into the image (default: tiny.en)
+  --model MODEL            Whisper model baked into the image (default: openai/whisper-large-v3-turbo,
+                           transcription only; openai/whisper-large-v3 also translates; tiny.en and
+                           base for a quick test deploy)
   --batch-size N           windows per Neuron batch, fixed at compile time (default: 8)
   --max-tokens N           static decoder KV-cache length (default: 224)
   --vpc-id VPC             VPC of the Batch instances (default: the region's default VPC)

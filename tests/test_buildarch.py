@@ -179,6 +179,26 @@ def test_dry_run_prints_every_command_and_runs_none(fakes):
     assert "Drop audio into:" in proc.stdout
 
 
+def test_default_model_follows_the_image(fakes):
+    """No --model: the model the Dockerfile builds by default (large-v3-turbo), not a test model."""
+    from test_image import build_args, dockerfile_steps
+
+    image_default = build_args(dockerfile_steps())["MODEL"]
+    assert image_default == "openai/whisper-large-v3-turbo"
+    _, log, env = fakes
+    help_text = run_script(["--help"], env).stdout
+    assert f"(default: {image_default}" in help_text
+    proc = run_script(["--dry-run", "--region", "eu-west-1"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert calls(log) == []
+    lines = printed(proc.stdout)
+    assert f"--build-arg MODEL={image_default} " in one(lines, "docker build")
+    # The default image tag names the model (ECR tags: no '/').
+    overrides = one(lines, "aws cloudformation deploy").split("--parameter-overrides", 1)[1].split()
+    tag = next(o.split("=", 1)[1] for o in overrides if o.startswith("ImageTag="))
+    assert re.fullmatch(r"openai-whisper-large-v3-turbo-\d{14}", tag), tag
+
+
 def test_dry_run_with_network_given_discovers_nothing(fakes):
     _, log, env = fakes
     proc = run_script(["--dry-run", "--region", "eu-west-1", "--vpc-id", "vpc-123", "--subnets", "subnet-1,subnet-2",
