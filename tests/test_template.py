@@ -26,6 +26,16 @@ INF2_XLARGE_VCPU = 4
 INF2_XLARGE_MIB = 16 * 1024
 AGENT_AND_OS_RESERVE_MIB = 1024  # ECS registers less than the instance's memory; keep >= 1 GiB free
 JOBS_PER_INSTANCE = 2
+# inf2 sizes: instance type -> (vCPU, memory GiB, Inferentia2 chips); every chip has 2 NeuronCores.
+# Source: the EC2 Inf2 instance-type table (inf2.xlarge 4/16/1, inf2.8xlarge 32/128/1,
+# inf2.24xlarge 96/384/6, inf2.48xlarge 192/768/12).
+INF2_SIZES = {
+    "inf2.xlarge": (4, 16, 1),
+    "inf2.8xlarge": (32, 128, 1),
+    "inf2.24xlarge": (96, 384, 6),
+    "inf2.48xlarge": (192, 768, 12),
+}
+NEURONCORES_PER_CHIP = 2
 
 # Actions that have no resource-level permissions, so "*" is the only valid Resource.
 STAR_RESOURCE_ALLOWED = {
@@ -463,6 +473,52 @@ def test_two_jobs_fit_on_one_inf2_xlarge(resources):
         # ...and not three: the chip has two NeuronCores, one per job.
         assert (JOBS_PER_INSTANCE + 1) * req["VCPU"] > INF2_XLARGE_VCPU or \
             (JOBS_PER_INSTANCE + 1) * req["MEMORY"] > INF2_XLARGE_MIB - AGENT_AND_OS_RESERVE_MIB
+
+
+def job_sizing(resources) -> tuple[int, int]:
+    """(VCPU, MEMORY MiB) of the job definitions; both must ask for the same."""
+    sizes = set()
+    for jd in job_definitions(resources).values():
+        req = {r["Type"]: int(r["Value"]) for r in props(jd)["ContainerProperties"]["ResourceRequirements"]}
+        sizes.add((req["VCPU"], req["MEMORY"]))
+    assert len(sizes) == 1, sizes
+    return sizes.pop()
+
+
+def jobs_per_instance(vcpu: int, mib: int, job_vcpu: int, job_mib: int) -> int:
+    """How many jobs Batch places on one instance: it packs by vCPU and memory, never by NeuronCore."""
+    return int(min(vcpu / job_vcpu, mib / job_mib))
+
+
+def test_instance_types_allow_only_two_jobs_per_chip(tpl, resources):
+    job_vcpu, job_mib = job_sizing(resources)
+    exact = {name for name, (vcpu, gib, chips) in INF2_SIZES.items()
+             if jobs_per_instance(vcpu, gib * 1024, job_vcpu, job_mib) == NEURONCORES_PER_CHIP * chips}
+    # Same answer with the memory ECS does not register / keeps for the OS taken off.
+    exact_reserved = {name for name, (vcpu, gib, chips) in INF2_SIZES.items()
+                      if jobs_per_instance(vcpu, gib * 1024 - AGENT_AND_OS_RESERVE_MIB, job_vcpu, job_mib)
+                      == NEURONCORES_PER_CHIP * chips}
+    assert exact == exact_reserved == {"inf2.xlarge"}
+    param = tpl["Parameters"]["InstanceTypes"]
+    assert set(param["AllowedValues"]) == exact
+    for name in param["AllowedValues"]:
+        vcpu, gib, chips = INF2_SIZES[name]
+        assert jobs_per_instance(vcpu, gib * 1024, job_vcpu, job_mib) == NEURONCORES_PER_CHIP * chips, name
+    assert set(param["Default"].split(",")) <= set(param["AllowedValues"])
+    # The refusal is explained where a user overriding the parameter reads it.
+    assert "inf2.8xlarge" in param["Description"] and "16 jobs" in param["Description"]
+    # e.g. what the refused sizes would get: 16 jobs on inf2.8xlarge's 2 cores.
+    assert jobs_per_instance(32, 128 * 1024, job_vcpu, job_mib) == 16
+
+
+def test_job_definitions_map_the_one_chip(resources):
+    for name, jd in job_definitions(resources).items():
+        c = props(jd)["ContainerProperties"]
+        devices = c["LinuxParameters"]["Devices"]
+        assert devices == [{"HostPath": "/dev/neuron0", "ContainerPath": "/dev/neuron0",
+                            "Permissions": ["READ", "WRITE"]}], name
+        env = {e["Name"]: e["Value"] for e in c["Environment"]}
+        assert env["NEURON_RT_NUM_CORES"] == "1" and "NEURON_RT_VISIBLE_CORES" not in env, name
 
 
 def _glob(pattern: str | None, value: str | None) -> bool:
