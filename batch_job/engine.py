@@ -1,20 +1,21 @@
-"""The engine: a loaded Whisper checkpoint, its graphs for one device, and batch decoding.
+"""The engine: a Whisper model's graphs for one device, and batch decoding over them.
 
 Devices differ ONLY in how :class:`~batch_job.inference.EncoderGraph` and
-:class:`~batch_job.inference.DecoderStepGraph` are prepared:
+:class:`~batch_job.inference.DecoderStepGraph` are prepared and where their cache lives:
 
 * ``cpu``: the decoder's Linear layers dynamically quantized to int8 (the encoder stays fp32: an
   int8 encoder costs several WER points), fixed batch-size buckets; with ``jit_decoder`` (the
   default) both graphs are ``torch.jit.trace``-d and saved in the graph cache
   (:mod:`batch_job.graph_cache`), so later starts load them without transformers;
-* ``cuda``: eager PyTorch on the GPU;
-* ``neuron``: graphs compiled ahead of time by ``whisper-batch compile`` and loaded from
-  ``settings.compiled_dir`` (see :mod:`batch_job.neuron`).
+* ``cuda``: eager PyTorch on the GPU (the step traced per bucket on first use);
+* ``neuron``: graphs compiled ahead of time by ``whisper-batch compile`` (bfloat16, caches as
+  device state) and loaded from ``settings.compiled_dir`` with the side data saved next to
+  them: no transformers model is built (see :mod:`batch_job.neuron.runtime`).
 
 The decoding loop (:func:`batch_job.decoding.decode_batch`) is the same for all of them. The
 engine is built from a :class:`~batch_job.graph_cache.ModelBundle` (graphs per bucket, special
-tokens, text and log-mel functions, dims) that comes from the checkpoint (:func:`model_bundle`)
-or from the graph cache.
+tokens, text and log-mel functions, dims) that comes from the checkpoint (:func:`model_bundle`),
+the graph cache or the compiled directory.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def resolve_device(requested: str) -> str:
 class LazyTracedStep:
     """A decoder step that is ``torch.jit.trace``-d on its first call, with that call's real inputs.
 
-    Tracing runs the step once (its in-place cache write at ``position`` is exactly the write
-    the traced graph then repeats), so the first call returns the traced graph's outputs and
-    every later call skips Python dispatch. Same module, same math as the eager step.
+    The step is pure, so tracing on the first call's inputs and returning the traced graph's
+    outputs is exactly one step; every later call skips Python dispatch. Same module, same math
+    as the eager step.
     Used on CUDA; on CPU every bucket is traced up front (:func:`batch_job.graph_cache.trace_cpu_graphs`)
     so the graphs can be cached.
     """
@@ -104,51 +105,42 @@ def uses_graph_cache(settings: Settings, device: str) -> bool:
 
 
 def model_bundle(loaded, settings: Settings, device: str) -> ModelBundle:
-    """Build the engine's bundle from a transformers checkpoint (the cold path; every device).
+    """Build the engine's bundle from a transformers checkpoint (the cold path; CPU and CUDA).
 
-    * ``neuron``: graphs loaded from ``settings.compiled_dir`` (checked against ``loaded``);
     * ``cpu`` + ``jit_decoder``: encoder traced at batch 1 (batch-generic), step quantized to int8
       (``quantize_decoder``) and traced once per bucket; these are what the graph cache saves;
     * otherwise eager modules (the step traced lazily per bucket on CUDA with ``jit_decoder``).
+
+    ``neuron`` never builds from the checkpoint: its bundle is the compiled directory's
+    (:func:`batch_job.neuron.runtime.load_bundle`), whatever ``loaded`` is.
     """
+    if device == "neuron":
+        from batch_job.neuron.runtime import load_bundle
+
+        return load_bundle(settings)
     import torch
 
-    from batch_job.inference import DecoderStepGraph, EncoderGraph
+    from batch_job.inference import DecoderStepGraph, EncoderGraph, StackedCacheStep
 
     config = loaded.model.config
-    heads = int(config.decoder_attention_heads)
-    dims = ModelDims(
-        layers=int(config.decoder_layers),
-        heads=heads,
-        d_model=int(config.d_model),
-        n_mels=int(config.num_mel_bins),
-        vocab_size=int(config.vocab_size),
-        max_target_positions=int(config.max_target_positions),
-        cache_len=engine_cache_len(config.max_target_positions, settings.max_new_tokens),
-    )
+    dims = ModelDims.from_config(config, engine_cache_len(config.max_target_positions, settings.max_new_tokens))
     torch_device = torch.device("cuda" if device == "cuda" else "cpu")
     model = loaded.model.to(torch_device, dtype=torch.float32).eval()
     encoder = EncoderGraph(model).eval()
-    step = DecoderStepGraph(model).eval()
+    step = StackedCacheStep(DecoderStepGraph(model)).eval()
     extra: dict = {}
-    if device == "neuron":
-        from batch_job.neuron.runtime import load_compiled
-
-        compiled = load_compiled(settings.compiled_dir, loaded, cache_len=dims.cache_len)
-        graphs = {b: BucketGraphs(c.encode, c.step) for b, c in compiled.items()}
+    sizes = batch_buckets(settings.batch_size)
+    if device == "cpu" and settings.quantize_decoder:
+        step = torch.ao.quantization.quantize_dynamic(step, {torch.nn.Linear}, dtype=torch.qint8)
+    if uses_graph_cache(settings, device):
+        encoder_script, step_script = graph_cache.trace_cpu_graphs(encoder, step, dims, sizes, loaded.sot)
+        graphs = graph_cache.bucket_graphs(encoder_script, step_script, sizes)
+        extra = {"encoder_script": encoder_script, "step_script": step_script}
+    elif settings.jit_decoder:
+        # One traced step graph per bucket (shapes differ), traced on first use.
+        graphs = {b: BucketGraphs(encoder, LazyTracedStep(step)) for b in sizes}
     else:
-        sizes = batch_buckets(settings.batch_size)
-        if device == "cpu" and settings.quantize_decoder:
-            step = torch.ao.quantization.quantize_dynamic(step, {torch.nn.Linear}, dtype=torch.qint8)
-        if uses_graph_cache(settings, device):
-            encoder_script, step_script = graph_cache.trace_cpu_graphs(encoder, step, dims, sizes, loaded.sot)
-            graphs = graph_cache.bucket_graphs(encoder_script, step_script, sizes)
-            extra = {"encoder_script": encoder_script, "step_script": step_script}
-        elif settings.jit_decoder:
-            # One traced step graph per bucket (shapes differ), traced on first use.
-            graphs = {b: BucketGraphs(encoder, LazyTracedStep(step)) for b in sizes}
-        else:
-            graphs = {b: BucketGraphs(encoder, step) for b in sizes}
+        graphs = {b: BucketGraphs(encoder, step) for b in sizes}
     tokenizer = loaded.tokenizer
     return ModelBundle(
         name=loaded.name,
@@ -173,7 +165,7 @@ class Engine:
     def __init__(self, source, settings: Settings, device: str, load_seconds: float) -> None:
         import torch
 
-        from batch_job.inference import CacheShape, StaticCacheInference
+        from batch_job.inference import CacheShape
 
         bundle = source if isinstance(source, ModelBundle) else model_bundle(source, settings, device)
         self.bundle = bundle
@@ -190,13 +182,8 @@ class Engine:
         self.max_batch = max(self.buckets)
         dims = bundle.dims
         self._inference = {
-            b: StaticCacheInference(
-                bundle.graphs[b].encode,
-                bundle.graphs[b].step,
-                CacheShape(dims.layers, b, dims.heads, self.cache_len, dims.head_dim),
-                device=torch_device,
-                dtype=torch.float32,
-            )
+            b: bundle.graphs[b].inference(CacheShape(dims.layers, b, dims.heads, self.cache_len, dims.head_dim),
+                                          device=torch_device)
             for b in self.buckets
         }
         self.load_seconds = load_seconds
@@ -239,6 +226,10 @@ class Engine:
         cached = _CacheSlot.for_settings(settings) if uses_graph_cache(settings, device) else None
         if cached is not None:
             bundle = graph_cache.load(cached.root, cached.key, buckets=cached.buckets, model_name=settings.model)
+        if bundle is None and device == "neuron":
+            from batch_job.neuron.runtime import load_bundle
+
+            bundle = load_bundle(settings)  # the compiled graphs and their side data: no eager model
         if bundle is None:
             from batch_job.models import load_model
 
@@ -256,7 +247,7 @@ class Engine:
         engine.load_seconds = time.perf_counter() - t0
         log.info(
             "model %s ready on %s in %.2f s (buckets %s, %s)", engine.model_name, device, engine.load_seconds,
-            engine.buckets, "graph cache" if bundle.source == "cache" else "built from the checkpoint",
+            engine.buckets, _SOURCES.get(bundle.source, bundle.source),
         )
         return engine
 
@@ -309,6 +300,9 @@ class Engine:
                 inference.finish()
         t3 = time.perf_counter()
         return results, {"features": t1 - t0, "encode": t2 - t1, "decode": t3 - t2}
+
+
+_SOURCES = {"cache": "graph cache", "model": "built from the checkpoint", "compiled": "compiled graphs"}
 
 
 def special_tokens(loaded) -> SpecialTokens:

@@ -75,6 +75,14 @@ class ModelError(WhisperBatchError):
     retryable = False
 
 
+class DeviceError(WhisperBatchError):
+    """The accelerator runtime could not load or place the graphs (no free NeuronCore, device
+    memory, a driver hiccup). Transient: exit code 75, the job is retried, maybe on another host."""
+
+    reason = "device_unavailable"
+    retryable = True
+
+
 class StorageError(WhisperBatchError):
     """S3 (or the local stand-in) failed after retries. Transient."""
 

@@ -8,7 +8,7 @@ exception) or 2 (argparse usage error) or the shell's 128+N signal codes.
 | 0    | OK            | transcribed, or already done (idempotent skip)    | -                   |
 | 65   | INPUT_ERROR   | bad input (corrupt, empty, unsupported, too long) | EXIT (never retry)  |
 | 78   | CONFIG_ERROR  | model/graphs/settings broken in this image        | EXIT (never retry)  |
-| 75   | TRANSIENT     | S3 error, SIGTERM (Spot reclaim, cancel), OOM-ish | RETRY               |
+| 75   | TRANSIENT     | S3 error, SIGTERM (Spot reclaim, cancel), NeuronCore busy/unloadable | RETRY |
 | 70   | INTERNAL      | unexpected bug; retried in case it was transient  | RETRY               |
 """
 

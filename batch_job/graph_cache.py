@@ -76,6 +76,19 @@ class ModelDims:
     def head_dim(self) -> int:
         return self.d_model // self.heads
 
+    @classmethod
+    def from_config(cls, config: Any, cache_len: int) -> "ModelDims":
+        """From a transformers ``WhisperConfig`` and the static cache length."""
+        return cls(
+            layers=int(config.decoder_layers),
+            heads=int(config.decoder_attention_heads),
+            d_model=int(config.d_model),
+            n_mels=int(config.num_mel_bins),
+            vocab_size=int(config.vocab_size),
+            max_target_positions=int(config.max_target_positions),
+            cache_len=int(cache_len),
+        )
+
 
 class MelFrontend:
     """Log-mel features, the same computation as ``WhisperFeatureExtractor._torch_extract_fbank_features``.
@@ -143,10 +156,18 @@ class TokenizerText:
 
 @dataclass(frozen=True)
 class BucketGraphs:
-    """One batch bucket's callables for :class:`~batch_job.inference.StaticCacheInference`."""
+    """One batch bucket's CPU/CUDA graphs: ``encode`` and a :class:`~batch_job.inference.StackedCacheStep`."""
 
     encode: Callable
     step: Callable
+
+    def inference(self, shape: Any, *, device: Any) -> Any:
+        """A :class:`~batch_job.inference.StaticCacheInference` over these graphs (float32 caches)."""
+        import torch
+
+        from batch_job.inference import StaticCacheInference
+
+        return StaticCacheInference(self.encode, self.step, shape, device=device, dtype=torch.float32)
 
 
 @dataclass
@@ -159,11 +180,13 @@ class ModelBundle:
     dims: ModelDims
     text: Callable[[Sequence[int]], str]
     mel: Callable[[np.ndarray], Any]
-    graphs: dict[int, BucketGraphs]
+    graphs: dict[int, Any]
+    """Per batch size: :class:`BucketGraphs`, or :class:`~batch_job.neuron.runtime.StatefulGraphs`
+    (compiled); each makes its bucket's inference with ``.inference(shape, device=...)``."""
     loaded: Any = None
     """The :class:`~batch_job.models.LoadedModel` when built cold; ``None`` from the cache."""
     source: str = "model"
-    """``model`` (built from the checkpoint) or ``cache``."""
+    """``model`` (built from the checkpoint), ``cache`` (CPU graph cache) or ``compiled`` (``whisper-batch compile``)."""
     cache_path: Path | None = None
     extra: dict = field(default_factory=dict)
 
@@ -237,8 +260,8 @@ def _bucket_steps_class():
 def trace_cpu_graphs(encoder: Any, step: Any, dims: ModelDims, buckets: Sequence[int], sot: int) -> tuple[Any, Any]:
     """``torch.jit.trace`` the encoder (at batch 1; batch-generic) and the step at every bucket.
 
-    Inputs are zeros (the graphs have no data-dependent control flow); the step's in-place cache
-    writes go to throw-away tensors. Returns ``(encoder_script, step_script)``; the step script
+    Inputs are zeros (the graphs have no data-dependent control flow; the step writes nothing).
+    Returns ``(encoder_script, step_script)``; the step script
     has one method ``b<B>`` per bucket.
     """
     import warnings
@@ -253,7 +276,7 @@ def trace_cpu_graphs(encoder: Any, step: Any, dims: ModelDims, buckets: Sequence
     methods = {}
     for b in sorted(buckets):
         setattr(wrapper, f"b{b}", wrapper.forward)
-        methods[f"b{b}"] = (torch.full((b, 1), int(sot), dtype=torch.long), torch.tensor([0]),
+        methods[f"b{b}"] = (torch.full((b, 1), int(sot), dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
                             cache(b), cache(b), cross(b), cross(b))
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -264,6 +287,38 @@ def trace_cpu_graphs(encoder: Any, step: Any, dims: ModelDims, buckets: Sequence
 
 def bucket_graphs(encoder: Any, steps: Any, buckets: Sequence[int]) -> dict[int, BucketGraphs]:
     return {b: BucketGraphs(encoder, getattr(steps, f"b{b}")) for b in buckets}
+
+
+# --------------------------------------------------------------------------------------------
+# side data: what an engine needs besides the graphs (the CPU cache and compiled Neuron dirs)
+# --------------------------------------------------------------------------------------------
+
+
+def write_side_data(
+    directory: Path, *, tokens: SpecialTokens, dims: ModelDims, mel: MelFrontend, tokenizer_json: str, clean_up_spaces: bool
+) -> dict[str, Any]:
+    """Write ``mel_filters.npy`` and ``tokenizer.json`` into ``directory``; returns the manifest fields that describe them."""
+    np.save(directory / "mel_filters.npy", mel.filters)
+    (directory / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    return {
+        "dims": dataclasses.asdict(dims),
+        "tokens": tokens_to_json(tokens),
+        "mel": {"file": "mel_filters.npy", "n_fft": mel.n_fft, "hop_length": mel.hop_length, "dither": mel.dither},
+        "tokenizer": {"file": "tokenizer.json", "clean_up_tokenization_spaces": bool(clean_up_spaces)},
+    }
+
+
+def read_side_data(directory: Path, manifest: Mapping[str, Any]) -> tuple[SpecialTokens, ModelDims, MelFrontend, TokenizerText]:
+    """The special tokens, dims, log-mel front end and detokenizer that :func:`write_side_data` saved."""
+    dims = ModelDims(**manifest["dims"])
+    tokens = tokens_from_json(manifest["tokens"])
+    mel_spec = manifest["mel"]
+    mel = MelFrontend(np.load(directory / mel_spec["file"]), mel_spec["n_fft"], mel_spec["hop_length"], mel_spec["dither"])
+    if mel.filters.shape[1] != dims.n_mels:
+        raise ValueError(f"mel filters {mel.filters.shape} do not match n_mels {dims.n_mels}")
+    tok = manifest["tokenizer"]
+    text = TokenizerText.from_file(directory / tok["file"], tok["clean_up_tokenization_spaces"])
+    return tokens, dims, mel, text
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,18 +357,14 @@ def save(
         tmp.mkdir()
         torch.jit.save(encoder, str(tmp / "encoder.pt"))
         torch.jit.save(steps, str(tmp / "step.pt"))
-        np.save(tmp / "mel_filters.npy", mel.filters)
-        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         manifest = {
             "format": FORMAT,
             "key": key,
             "key_fields": dict(fields),
             "model": {"name": model_name, "checksum": fields["weights_sha256"]},
-            "dims": dataclasses.asdict(dims),
             "buckets": list(fields["buckets"]),
-            "tokens": _tokens_to_json(tokens),
-            "mel": {"file": "mel_filters.npy", "n_fft": mel.n_fft, "hop_length": mel.hop_length, "dither": mel.dither},
-            "tokenizer": {"file": "tokenizer.json", "clean_up_tokenization_spaces": bool(clean_up_spaces)},
+            **write_side_data(tmp, tokens=tokens, dims=dims, mel=mel, tokenizer_json=tokenizer_json,
+                              clean_up_spaces=clean_up_spaces),
             "files": {name: (tmp / name).stat().st_size for name in _FILES},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -367,14 +418,7 @@ def _load(path: Path, key: str, buckets: Sequence[int], model_name: str) -> Mode
     missing = sorted(set(int(b) for b in buckets) - set(int(b) for b in manifest["buckets"]))
     if missing:
         raise ValueError(f"no step graph for bucket(s) {missing}")
-    dims = ModelDims(**manifest["dims"])
-    tokens = _tokens_from_json(manifest["tokens"])
-    mel_spec = manifest["mel"]
-    mel = MelFrontend(np.load(path / mel_spec["file"]), mel_spec["n_fft"], mel_spec["hop_length"], mel_spec["dither"])
-    if mel.filters.shape[1] != dims.n_mels:
-        raise ValueError(f"mel filters {mel.filters.shape} do not match n_mels {dims.n_mels}")
-    tok = manifest["tokenizer"]
-    text = TokenizerText.from_file(path / tok["file"], tok["clean_up_tokenization_spaces"])
+    tokens, dims, mel, text = read_side_data(path, manifest)
     encoder = torch.jit.load(str(path / "encoder.pt"), map_location="cpu").eval()
     steps = torch.jit.load(str(path / "step.pt"), map_location="cpu").eval()
     return ModelBundle(
@@ -390,14 +434,14 @@ def _load(path: Path, key: str, buckets: Sequence[int], model_name: str) -> Mode
     )
 
 
-def _tokens_to_json(tokens: SpecialTokens) -> dict[str, Any]:
+def tokens_to_json(tokens: SpecialTokens) -> dict[str, Any]:
     out = dataclasses.asdict(tokens)
     out["suppress"] = list(tokens.suppress)
     out["begin_suppress"] = list(tokens.begin_suppress)
     return out
 
 
-def _tokens_from_json(data: Mapping[str, Any]) -> SpecialTokens:
+def tokens_from_json(data: Mapping[str, Any]) -> SpecialTokens:
     values = dict(data)
     values["languages"] = {str(k): int(v) for k, v in (values.get("languages") or {}).items()}
     values["suppress"] = tuple(int(t) for t in values.get("suppress") or ())

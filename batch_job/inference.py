@@ -1,66 +1,139 @@
-"""The two fixed-shape graphs the engine runs, and the static-KV-cache ``Inference`` over them.
+"""The fixed-shape graphs every device runs, and the ``Inference`` objects that drive them.
 
 These modules are exactly what gets compiled: ``torch.jit.trace`` on CPU/CUDA and
 ``torch_neuronx.trace`` for Inferentia2 take the same :class:`EncoderGraph` and
-:class:`DecoderStepGraph` instances, so every device runs identical math and the decoding
-loop in :mod:`batch_job.decoding` never knows which device it is on.
+:class:`DecoderStepGraph`, so every device runs identical math and the decoding loop in
+:mod:`batch_job.decoding` never knows which device it is on.
 
 Shapes (``B`` batch, ``M`` mel bins, ``L`` decoder layers, ``H`` heads, ``Dh`` head dim,
 ``S`` = 1500 encoder positions, ``T`` static self-attention cache length, ``V`` vocabulary):
 
 * ``EncoderGraph(mel [B, M, 3000]) -> (cross_k [L, B, H, S, Dh], cross_v [L, B, H, S, Dh])``:
-  the audio encoder plus every decoder layer's cross-attention key/value projection, computed
-  once per batch.
-* ``DecoderStepGraph(tokens [B, 1], position [1], self_k [L, B, H, T, Dh], self_v, cross_k,
-  cross_v) -> (logits [B, V], self_k, self_v)``: one decoder step at ``position`` for every
-  row. The new key/value are written into the cache at ``position`` with ``index_copy_`` (in
-  place on CPU/CUDA, so nothing is copied; on Neuron the cache inputs are aliased to the cache
-  outputs and stay on the device), and attention reads all ``T`` slots under a mask
-  ``slot <= position``, so every step has the same shapes.
+  the audio encoder plus every decoder layer's cross-attention key/value projection, run once
+  per batch.
+* ``DecoderStepGraph(tokens [B, 1] int32, position [1] int32, self_k, self_v, cross_k, cross_v)
+  -> (logits [B, V] float32, new_k [L, B, H, 1, Dh], new_v [L, B, H, 1, Dh])`` with the caches
+  given per layer (``self_*``: L x ``[B, H, T, Dh]``, ``cross_*``: L x ``[B, H, S, Dh]``). It is
+  **pure**: it attends over the cache slots before ``position`` plus the new token's own key
+  (NxDI's prior/active split) and returns the new key/value instead of writing them, so no
+  input is ever modified. Masked scores take ``finfo(float32).min`` (never ``-inf``) and every
+  softmax runs in float32.
+
+Where the cache lives is the one thing that differs, and it is decided outside the math:
+
+* CPU/CUDA (:class:`StackedCacheStep` + :class:`StaticCacheInference`): the caches are graph
+  inputs (stacked ``[L, B, H, T, Dh]`` tensors); the host writes ``new_k``/``new_v`` at
+  ``position`` after each step (an in-place ``index_copy_`` of ``L x B x H x Dh`` values).
+* Neuron (:class:`StatefulDecoderStep` + :class:`StatefulInference`): every cache is a
+  per-layer state tensor on the NeuronCore. The traced step takes only ``tokens`` and
+  ``position``, writes the new key/value with ``torch.scatter`` into new tensors and returns
+  them (and the cross K/V, unchanged) as outputs aliased to their states, which the runtime
+  keeps on the device. Cross K/V are copied into their states once per batch (``copy_``, as the
+  Neuron T5 tutorial and optimum-neuron do). ``--backend jit`` runs the same module on CPU with
+  the aliasing emulated (:class:`StatefulInference` with ``emulate_aliases``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 N_FRAMES = 3000  # 30 s of 10 ms mel frames: Whisper's fixed encoder input
+SOURCE_POSITIONS = 1500  # encoder output positions (N_FRAMES / 2, after the stride-2 conv)
+MASKED = torch.finfo(torch.float32).min
+"""Score of a masked cache slot: the float32 minimum, not ``-inf`` (``-inf`` under auto-cast
+risks NaN on NeuronCore-v2; the minimum gives exactly 0 after the float32 softmax)."""
+STATE_KINDS = ("self_k", "self_v", "cross_k", "cross_v")
+"""Order of the Neuron step's states (``L`` each): state ``j`` is ``STATE_KINDS[j // L]`` of
+layer ``j % L`` and is aliased to output ``j + 1`` (output 0 is the logits)."""
 
 
 class Inference(Protocol):
     """What the decoding loop needs from a device: one call per decoder step."""
 
     def logits(self, tokens: Tensor, position: int) -> Tensor:
-        """Run one step. ``tokens [B, 1]`` int64 at ``position`` -> next-token logits ``[B, V]`` float32."""
+        """Run one step. ``tokens [B, 1]`` integer ids at ``position`` -> next-token logits ``[B, V]`` float32."""
+        ...
+
+
+class BatchInference(Inference, Protocol):
+    """An :class:`Inference` for one batch size that the engine starts on each new batch."""
+
+    def start(self, mel: Tensor) -> None:
+        """Encode ``mel [B, M, 3000]`` float32 and make its cross K/V the decoder's."""
+        ...
+
+    def finish(self) -> None:
+        """Release per-batch buffers."""
         ...
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """``[B, N, H*Dh] -> [B, H, N, Dh]`` (contiguous: SDPA's fast path needs it)."""
+    """``[B, N, H*Dh] -> [B, H, N, Dh]`` (contiguous: the matmuls' fast path needs it)."""
     b, n, d = x.shape
     return x.view(b, n, heads, d // heads).transpose(1, 2).contiguous()
 
 
-def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Attention of ONE query per row over ``S`` keys: ``q [B, H, 1, Dh]``, ``k, v [B, H, S, Dh]`` -> ``[B, H, 1, Dh]``.
+def _one_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention of ONE (pre-scaled) query per row over ``S`` keys: ``q [B, H, 1, Dh]``, ``k, v [B, H, S, Dh]`` -> ``[B, H, 1, Dh]``.
 
-    Two batched matmuls and a softmax. For a single query over the 1500 encoder positions this
-    is ~20% faster on CPU than ``scaled_dot_product_attention``, whose flash kernel is built for
-    blocks of queries (4 layers, B=8: 4.8 vs 6.0 ms per decoder step); same result to ~1e-7.
+    Two batched matmuls and a float32 softmax: for one query this is faster on CPU than
+    ``scaled_dot_product_attention``, whose kernels are built for blocks of queries.
     """
-    scores = torch.matmul(q * scale, k.transpose(-1, -2))  # [B, H, 1, S]
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float()  # [B, H, 1, S]
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
+def _cached_attention(q: Tensor, k: Tensor, v: Tensor, cache_k: Tensor, cache_v: Tensor, past: Tensor) -> Tensor:
+    """Self-attention of the new token over the cache slots before it plus itself (no cache write).
+
+    ``q, k, v [B, H, 1, Dh]`` (``q`` pre-scaled), ``cache_k, cache_v [B, H, T, Dh]``, ``past [1, 1, 1, T]``
+    bool (slot < position) -> ``[B, H, 1, Dh]``. Equal to writing ``k, v`` at ``position`` and
+    attending over slots ``<= position``; slots at or after ``position`` may hold anything finite.
+    """
+    past_scores = torch.matmul(q, cache_k.transpose(-1, -2)).float()  # [B, H, 1, T]
+    past_scores = torch.where(past, past_scores, MASKED)
+    own_score = (q * k).sum(dim=-1, keepdim=True).float()  # [B, H, 1, 1]
+    probs = torch.softmax(torch.cat([past_scores, own_score], dim=-1), dim=-1).to(v.dtype)
+    t = cache_k.shape[2]
+    return torch.matmul(probs[..., :t], cache_v) + probs[..., t:] * v
+
+
+class Float32LayerNorm(nn.LayerNorm):
+    """A LayerNorm that normalizes in float32 whatever the activations' dtype (bf16 graphs)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+def cast_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model`` (in place) to ``dtype`` for inference, keeping every LayerNorm in float32.
+
+    Weights, activations and caches take ``dtype``; layer norms compute (and keep their
+    weights) in float32; the graphs compute softmax and logits in float32 anyway. A float32
+    ``dtype`` leaves the model as it is.
+    """
+    model.to(dtype)
+    if dtype == torch.float32:
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.LayerNorm:
+                norm = Float32LayerNorm(child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine)
+                norm.load_state_dict({k: v.float() for k, v in child.state_dict().items()})
+                setattr(parent, name, norm)
+    return model
 
 
 class EncoderGraph(nn.Module):
     """Audio encoder + cross-attention K/V for every decoder layer.
 
-    ``forward(mel [B, M, 3000] float32) -> (cross_k, cross_v)``, each ``[L, B, H, 1500, Dh]``.
+    ``forward(mel [B, M, 3000]) -> (cross_k, cross_v)``, each ``[L, B, H, 1500, Dh]``, in the model's dtype.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -79,7 +152,7 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """One Whisper decoder step over a static KV cache (see the module docstring for shapes).
+    """One pure Whisper decoder step over a static KV cache (shapes in the module docstring).
 
     It reuses the checkpoint's own modules (embeddings, layer norms, projections), so fine-tuned
     weights and the int8-quantized Linear layers of the CPU path are picked up unchanged.
@@ -104,38 +177,95 @@ class DecoderStepGraph(nn.Module):
         self,
         tokens: Tensor,
         position: Tensor,
-        self_k: Tensor,
-        self_v: Tensor,
-        cross_k: Tensor,
-        cross_v: Tensor,
+        self_k: Sequence[Tensor],
+        self_v: Sequence[Tensor],
+        cross_k: Sequence[Tensor],
+        cross_v: Sequence[Tensor],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        cache_len = self_k.shape[3]
-        # Boolean mask over cache slots: slot <= position. [1, 1, 1, T]
-        mask = (torch.arange(cache_len, device=tokens.device) <= position).view(1, 1, 1, cache_len)
+        cache_len = self_k[0].shape[2]
+        slots = torch.arange(cache_len, dtype=position.dtype, device=position.device)
+        past = (slots < position).view(1, 1, 1, cache_len)
         x = self.embed_tokens(tokens) * self.embed_scale + self.embed_positions.weight.index_select(0, position)
+        new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            # --- causal self-attention over the static cache
+            # --- causal self-attention: the cache before `position` plus this token
             h = layer.self_attn_layer_norm(x)
             attn = layer.self_attn
-            q = _split_heads(attn.q_proj(h), self.heads)  # [B, H, 1, Dh]
-            k_i = self_k[i]
-            v_i = self_v[i]
-            k_i.index_copy_(2, position, _split_heads(attn.k_proj(h), self.heads))
-            v_i.index_copy_(2, position, _split_heads(attn.v_proj(h), self.heads))
-            o = F.scaled_dot_product_attention(q, k_i, v_i, attn_mask=mask, scale=self.scale)
+            q = _split_heads(attn.q_proj(h), self.heads) * self.scale  # [B, H, 1, Dh]
+            k = _split_heads(attn.k_proj(h), self.heads)
+            v = _split_heads(attn.v_proj(h), self.heads)
+            o = _cached_attention(q, k, v, self_k[i], self_v[i], past)
             x = x + attn.out_proj(o.transpose(1, 2).reshape(x.shape))
-            # --- cross-attention over the encoder output (K/V precomputed once per batch)
+            new_k.append(k)
+            new_v.append(v)
+            # --- cross-attention over the encoder output (K/V computed once per batch)
             h = layer.encoder_attn_layer_norm(x)
             cross = layer.encoder_attn
-            q = _split_heads(cross.q_proj(h), self.heads)
-            o = _one_query_attention(q, cross_k[i], cross_v[i], self.scale)
+            q = _split_heads(cross.q_proj(h), self.heads) * self.scale
+            o = _one_query_attention(q, cross_k[i], cross_v[i])
             x = x + cross.out_proj(o.transpose(1, 2).reshape(x.shape))
             # --- MLP
             h = layer.final_layer_norm(x)
             x = x + layer.fc2(self.activation(layer.fc1(h)))
         x = self.layer_norm(x)
         logits = self.proj_out(x[:, 0, :]).float()  # [B, V]
-        return logits, self_k, self_v
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+
+class StackedCacheStep(nn.Module):
+    """:class:`DecoderStepGraph` with the caches passed as stacked tensors (the CPU/CUDA graph).
+
+    ``forward(tokens [B, 1], position [1], self_k [L, B, H, T, Dh], self_v, cross_k [L, B, H, S, Dh],
+    cross_v) -> (logits [B, V], new_k [L, B, H, 1, Dh], new_v)``; unbinding the stacks costs nothing.
+    """
+
+    def __init__(self, step: nn.Module) -> None:
+        super().__init__()
+        self.step = step
+
+    def forward(self, tokens, position, self_k, self_v, cross_k, cross_v):
+        return self.step(tokens, position, self_k.unbind(0), self_v.unbind(0), cross_k.unbind(0), cross_v.unbind(0))
+
+
+class StatefulDecoderStep(nn.Module):
+    """:class:`DecoderStepGraph` with every cache as state: what ``torch_neuronx.trace`` compiles.
+
+    ``states`` holds ``4L`` tensors in :data:`STATE_KINDS` order (``self_*``: ``[B, H, T, Dh]``,
+    ``cross_*``: ``[B, H, S, Dh]``). ``forward(tokens [B, 1] int32, position [1] int32) ->
+    (logits [B, V] float32, *self_k, *self_v, *cross_k, *cross_v)``: the self caches come back
+    with this token's key/value scattered in at ``position`` (new tensors, the states are only
+    read) and the cross caches unchanged, so :attr:`aliases` maps state ``j`` to output
+    ``j + 1`` and the runtime keeps all of them on the device.
+    """
+
+    def __init__(self, step: DecoderStepGraph, *, batch: int, cache_len: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.step = step
+        self.layers = len(step.layers)
+        self_shape = (batch, step.heads, cache_len, step.head_dim)
+        cross_shape = (batch, step.heads, SOURCE_POSITIONS, step.head_dim)
+        shapes = [self_shape] * (2 * self.layers) + [cross_shape] * (2 * self.layers)
+        self.states = nn.ParameterList(
+            nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False) for shape in shapes
+        )
+
+    def kind(self, name: str) -> list[Tensor]:
+        """The ``L`` state tensors of one :data:`STATE_KINDS` entry, by layer."""
+        start = STATE_KINDS.index(name) * self.layers
+        return [self.states[j] for j in range(start, start + self.layers)]
+
+    @property
+    def aliases(self) -> dict[nn.Parameter, int]:
+        """``{state: output index}``, the ``input_output_aliases`` of ``torch_neuronx.trace``."""
+        return {state: j + 1 for j, state in enumerate(self.states)}
+
+    def forward(self, tokens: Tensor, position: Tensor) -> tuple[Tensor, ...]:
+        self_k, self_v, cross_k, cross_v = (self.kind(name) for name in STATE_KINDS)
+        logits, new_k, new_v = self.step(tokens, position, self_k, self_v, cross_k, cross_v)
+        index = position.long().view(1, 1, 1, 1).expand_as(new_k[0])  # [B, H, 1, Dh]
+        written_k = [torch.scatter(cache, 2, index, new_k[i]) for i, cache in enumerate(self_k)]
+        written_v = [torch.scatter(cache, 2, index, new_v[i]) for i, cache in enumerate(self_v)]
+        return (logits, *written_k, *written_v, *cross_k, *cross_v)
 
 
 @dataclass(frozen=True)
@@ -158,10 +288,10 @@ StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor
 
 
 class StaticCacheInference:
-    """:class:`Inference` over (possibly compiled) encoder/step graphs and a preallocated cache.
+    """CPU/CUDA :class:`BatchInference`: caches as graph inputs, the new key/value written by the host.
 
-    One instance per batch size; :meth:`start` encodes a new batch and resets the cache.
-    The cache is allocated once and reused for every batch, so the decoder never allocates.
+    One instance per batch size; the cache is allocated once and reused for every batch, so the
+    decoder never allocates a cache. ``step`` is a :class:`StackedCacheStep` (possibly traced).
     """
 
     def __init__(self, encode: EncodeFn, step: StepFn, shape: CacheShape, *, device: torch.device, dtype: torch.dtype) -> None:
@@ -173,15 +303,15 @@ class StaticCacheInference:
         self.self_v = torch.zeros(shape.dims, device=device, dtype=dtype)
         self.cross_k: Tensor | None = None
         self.cross_v: Tensor | None = None
-        self._positions = [torch.tensor([p], device=device) for p in range(shape.length)]
+        self._positions = [torch.tensor([p], device=device, dtype=torch.int32) for p in range(shape.length)]
+        self._slots = [torch.tensor([p], device=device, dtype=torch.long) for p in range(shape.length)]
 
     def start(self, mel: Tensor) -> None:
-        """Encode ``mel [B, M, 3000]`` and clear the self-attention cache."""
         if mel.shape[0] != self.shape.batch:
             raise ValueError(f"batch of {mel.shape[0]} does not match the compiled batch size {self.shape.batch}")
         self.cross_k, self.cross_v = self._encode(mel.to(self.device))
-        # Stale slots > position are masked out, so zeroing is not needed for correctness;
-        # it keeps padded rows deterministic and costs one memset per batch.
+        # Slots >= position are masked, so stale values never count; zeroing keeps padded rows
+        # deterministic for one memset per batch.
         self.self_k.zero_()
         self.self_v.zero_()
 
@@ -193,7 +323,69 @@ class StaticCacheInference:
         if position >= self.shape.length:
             raise IndexError(f"position {position} is past the static cache length {self.shape.length}")
         assert self.cross_k is not None and self.cross_v is not None, "call start() first"
-        logits, self.self_k, self.self_v = self._step(
-            tokens.to(self.device), self._positions[position], self.self_k, self.self_v, self.cross_k, self.cross_v
+        logits, new_k, new_v = self._step(
+            tokens.to(self.device, torch.int32), self._positions[position], self.self_k, self.self_v, self.cross_k, self.cross_v
         )
+        self.self_k.index_copy_(3, self._slots[position], new_k)
+        self.self_v.index_copy_(3, self._slots[position], new_v)
         return logits
+
+
+class StatefulInference:
+    """Neuron :class:`BatchInference`: the caches are the step graph's state, on the device.
+
+    ``states`` are the compiled step's state tensors in :data:`STATE_KINDS` order (``L`` layers).
+    :meth:`start` runs the encoder and copies its cross K/V into the cross states (one host ->
+    device copy per batch); each :meth:`logits` call sends only ``tokens [B, 1]`` and
+    ``position [1]`` (int32). On Neuron the runtime writes the aliased outputs back into the
+    states; with ``emulate_aliases`` (the ``jit`` backend on CPU) this class does it, as the
+    runtime would: after every call, output ``j + 1`` is copied into state ``j``.
+    """
+
+    def __init__(
+        self,
+        encode: EncodeFn,
+        step: Callable[[Tensor, Tensor], Sequence[Tensor]],
+        states: Sequence[Tensor],
+        shape: CacheShape,
+        *,
+        dtype: torch.dtype,
+        emulate_aliases: bool,
+    ) -> None:
+        if len(states) != 4 * shape.layers:
+            raise ValueError(f"expected {4 * shape.layers} state tensors for {shape.layers} layers, got {len(states)}")
+        self._encode = encode
+        self._step = step
+        self.states = list(states)
+        self.shape = shape
+        self.dtype = dtype
+        self.emulate_aliases = emulate_aliases
+        self._positions = [torch.tensor([p], dtype=torch.int32) for p in range(shape.length)]
+        self._started = False
+
+    def start(self, mel: Tensor) -> None:
+        if mel.shape[0] != self.shape.batch:
+            raise ValueError(f"batch of {mel.shape[0]} does not match the compiled batch size {self.shape.batch}")
+        cross_k, cross_v = self._encode(mel.to(self.dtype))
+        L = self.shape.layers
+        with torch.no_grad():
+            for i in range(L):
+                self.states[2 * L + i].copy_(cross_k[i])
+                self.states[3 * L + i].copy_(cross_v[i])
+        self._started = True
+
+    def finish(self) -> None:
+        self._started = False
+
+    def logits(self, tokens: Tensor, position: int) -> Tensor:
+        if position >= self.shape.length:
+            raise IndexError(f"position {position} is past the static cache length {self.shape.length}")
+        assert self._started, "call start() first"
+        outputs = self._step(tokens.to(torch.int32), self._positions[position])
+        if self.emulate_aliases:
+            with torch.no_grad():
+                for j, state in enumerate(self.states):
+                    out = outputs[j + 1]
+                    if out.data_ptr() != state.data_ptr():  # cross K/V come back as the state itself
+                        state.copy_(out)
+        return outputs[0].float()

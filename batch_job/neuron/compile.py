@@ -1,21 +1,22 @@
 """``whisper-batch compile``: trace the engine's graphs for Inferentia2 and write them + a manifest.
 
-The modules handed to ``torch_neuronx.trace`` come from :func:`build_graphs`, which builds the
-very :class:`~batch_job.inference.EncoderGraph` / :class:`~batch_job.inference.DecoderStepGraph`
-the engine runs (same construction as :class:`batch_job.engine.Engine`, fp32, un-quantized).
-The tests trace the same modules with ``torch.jit.trace`` on CPU and decode real audio with them.
+The modules handed to ``torch_neuronx.trace`` come from :func:`build_graphs`: the engine's own
+:class:`~batch_job.inference.EncoderGraph` and :class:`~batch_job.inference.DecoderStepGraph`,
+cast to the compile dtype (bfloat16 by default, layer norms float32), the step wrapped as a
+:class:`~batch_job.inference.StatefulDecoderStep` whose caches are per-layer state aliased to
+its outputs. Per batch size ``B``:
 
-Per batch size ``B`` (see ``docs/neuron.md`` for the shapes):
+* ``encoder``: ``mel [B, n_mels, 3000]`` -> ``(cross_k, cross_v)`` ``[L, B, H, 1500, Dh]``;
+* ``step``: ``(tokens [B, 1] int32, position [1] int32)`` -> ``(logits [B, V] float32,
+  *4L cache states)``, ``input_output_aliases`` = state ``j`` -> output ``j + 1``.
 
-* ``encoder``: ``EncoderGraph`` on ``mel [B, n_mels, 3000]`` -> ``(cross_k, cross_v)``;
-* ``step``: :class:`CachedDecoderStep`, the ``DecoderStepGraph`` with its self-attention cache
-  held as fixed-shape state tensors (``self_k``, ``self_v``). It returns ``(logits, self_k, self_v)``
-  and the cache is aliased input->output (``input_output_aliases={self_k: 1, self_v: 2}``), so the
-  Neuron runtime updates it in place on the device: no cache copy per step.
+Next to the graphs the compile writes what the engine needs besides them (special tokens,
+dims, mel filters, tokenizer), so a Neuron job never builds an eager transformers model.
 
-torch-neuronx / neuronx-cc are imported only inside :func:`trace_neuron`. ``--backend jit`` writes
-the same artifacts with ``torch.jit.trace`` (no Neuron needed): it exercises the whole
-save -> manifest -> load -> decode path on CPU.
+torch-neuronx / neuronx-cc are imported only inside :func:`trace_neuron`. ``--backend jit``
+writes the same artifacts with ``torch.jit.trace`` of the same modules (no Neuron needed): the
+whole save -> manifest -> load -> decode path runs on CPU, aliasing emulated.
+``--plan`` prints the device and host memory plan (:mod:`batch_job.neuron.plan`) instead.
 """
 
 from __future__ import annotations
@@ -35,15 +36,26 @@ from batch_job.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-#: Compiler flags (neuronx-cc) for both graphs: transformer-tuned scheduling, matmuls in bf16
-#: (accumulation and everything else stays fp32), target inf2 so ``--cpu-backend`` builds need no device.
-COMPILER_ARGS: tuple[str, ...] = (
-    "--model-type=transformer",
-    "--auto-cast=matmult",
-    "--auto-cast-type=bf16",
-    "--target=inf2",
-    "-O2",
-)
+DTYPES = ("bfloat16", "float32")
+DEFAULT_DTYPE = "bfloat16"
+
+#: neuronx-cc flags for both graphs: transformer-tuned scheduling, target inf2 (so ``--cpu-backend``
+#: builds need no device), saturate infinities (the NaN guard the AWS Whisper sample compiles
+#: with). bfloat16 graphs are compiled as written (their float32 parts are deliberate); float32
+#: graphs get their matmuls auto-cast to bf16.
+BASE_COMPILER_ARGS: tuple[str, ...] = ("--model-type=transformer", "--target=inf2", "--enable-saturate-infinity", "-O2")
+AUTO_CAST_ARGS: dict[str, tuple[str, ...]] = {
+    "bfloat16": ("--auto-cast=none",),
+    "float32": ("--auto-cast=matmult", "--auto-cast-type=bf16"),
+}
+
+
+def compiler_args_for(dtype: str) -> tuple[str, ...]:
+    """The neuronx-cc flags for graphs of ``dtype``."""
+    return BASE_COMPILER_ARGS + AUTO_CAST_ARGS[dtype]
+
+
+COMPILER_ARGS = compiler_args_for(DEFAULT_DTYPE)
 
 NEURON_REPO = "https://pip.repos.neuron.amazonaws.com"
 NEURON_HINT = (
@@ -59,139 +71,126 @@ NEURON_HINT = (
 # --------------------------------------------------------------------------------------------
 
 
-def _cached_step_class():
-    import torch
-    from torch import Tensor, nn
-
-    class CachedDecoderStep(nn.Module):
-        """``DecoderStepGraph`` with the self-attention cache as state (what is traced for the decoder).
-
-        ``forward(tokens [B, 1] int64, position [1] int64, cross_k, cross_v) -> (logits [B, V],
-        self_k, self_v)``. ``self_k`` / ``self_v`` (``[L, B, H, T, Dh]``) are non-trainable
-        parameters written in place by the wrapped step's ``index_copy_``; for ``torch_neuronx.trace``
-        they are the ``input_output_aliases`` keys (state kept on the NeuronCore), for
-        ``torch.jit.trace`` plain module state.
-        """
-
-        def __init__(self, step: nn.Module, dims: tuple[int, ...], dtype: torch.dtype) -> None:
-            super().__init__()
-            self.step = step
-            self.self_k = nn.Parameter(torch.zeros(dims, dtype=dtype), requires_grad=False)
-            self.self_v = nn.Parameter(torch.zeros(dims, dtype=dtype), requires_grad=False)
-
-        def forward(self, tokens: Tensor, position: Tensor, cross_k: Tensor, cross_v: Tensor):
-            return self.step(tokens, position, self.self_k, self.self_v, cross_k, cross_v)
-
-    return CachedDecoderStep
-
-
-_CLASS_CACHE: dict[str, Any] = {}
-
-
-def cached_step(step, dims: tuple[int, ...], dtype) -> Any:
-    """A :class:`CachedDecoderStep` (class built lazily so importing this module needs no torch)."""
-    cls = _CLASS_CACHE.get("step")
-    if cls is None:
-        cls = _CLASS_CACHE["step"] = _cached_step_class()
-    return cls(step, dims, dtype).eval()
-
-
 @dataclass
 class GraphSet:
     """Everything one batch size needs for tracing: the modules, example inputs, aliases, shapes."""
 
     batch_size: int
     cache_len: int
+    dtype: str
     encoder: Any
     """:class:`~batch_job.inference.EncoderGraph`, traced on ``encoder_inputs``."""
     step: Any
-    """:class:`CachedDecoderStep`, traced on ``step_inputs``."""
+    """:class:`~batch_job.inference.StatefulDecoderStep`, traced on ``step_inputs``."""
     encoder_inputs: tuple
+    """``(mel,)``."""
     step_inputs: tuple
-    """``(tokens, position, cross_k, cross_v)``."""
+    """``(tokens, position)``: the step's only per-call inputs."""
     aliases: dict
-    """``{step.self_k: 1, step.self_v: 2}``: state tensor -> output index (``input_output_aliases``)."""
-    shapes: dict
-    """:func:`graph_shapes` for this batch size (recorded in and checked against the manifest)."""
+    """``{state parameter: output index}`` (``input_output_aliases``)."""
 
 
-def cache_len_for(config, max_new_tokens: int) -> int:
-    """The engine's static cache length for ``max_new_tokens`` (same formula as :class:`Engine`)."""
-    from batch_job.engine import PROMPT_SLOTS
+def graph_shapes(dims: Any, batch_size: int, cache_len: int, dtype: str = DEFAULT_DTYPE) -> dict[str, dict[str, Any]]:
+    """Inputs, state and outputs of both graphs for one batch size, as the engine expects them (manifest form).
 
-    return min(int(config.max_target_positions), int(max_new_tokens) + PROMPT_SLOTS)
+    ``dims`` has ``layers``, ``heads``, ``head_dim``, ``n_mels`` and ``vocab_size``
+    (:class:`~batch_job.graph_cache.ModelDims`).
+    """
+    from batch_job.inference import N_FRAMES, SOURCE_POSITIONS, STATE_KINDS
 
-
-def graph_shapes(config, batch_size: int, cache_len: int, dtype: str = "float32") -> dict[str, dict[str, Any]]:
-    """Input/state/output shapes and dtypes of both graphs for one batch size (manifest form)."""
-    L = int(config.decoder_layers)
-    H = int(config.decoder_attention_heads)
-    Dh = int(config.d_model) // H
-    S = int(config.max_source_positions)
-    M = int(config.num_mel_bins)
-    V = int(config.vocab_size)
-    B = int(batch_size)
-    from batch_job.inference import N_FRAMES
+    L, H, Dh, B = int(dims.layers), int(dims.heads), int(dims.head_dim), int(batch_size)
 
     def t(shape, dt=dtype):
         return {"shape": list(shape), "dtype": dt}
 
-    def cross():
-        return t((L, B, H, S, Dh))
-
-    def cache():
-        return t((L, B, H, cache_len, Dh))
-
+    cross = t((L, B, H, SOURCE_POSITIONS, Dh))
+    state_shapes = {"self_k": (B, H, cache_len, Dh), "self_v": (B, H, cache_len, Dh),
+                    "cross_k": (B, H, SOURCE_POSITIONS, Dh), "cross_v": (B, H, SOURCE_POSITIONS, Dh)}
     return {
         "encoder": {
-            "inputs": {"mel": t((B, M, N_FRAMES))},
-            "outputs": {"cross_k": cross(), "cross_v": cross()},
+            "inputs": {"mel": t((B, int(dims.n_mels), N_FRAMES))},
+            "outputs": {"cross_k": cross, "cross_v": cross},
         },
         "step": {
-            "inputs": {"tokens": t((B, 1), "int64"), "position": t((1,), "int64"), "cross_k": cross(), "cross_v": cross()},
-            "state": {"self_k": cache(), "self_v": cache()},
-            "outputs": {"logits": t((B, V), "float32"), "self_k": cache(), "self_v": cache()},
-            "aliases": {"self_k": 1, "self_v": 2},
+            "inputs": {"tokens": t((B, 1), "int32"), "position": t((1,), "int32")},
+            "state": {kind: {**t(state_shapes[kind]), "layers": L} for kind in STATE_KINDS},
+            "state_order": list(STATE_KINDS),
+            "outputs": {"logits": t((B, int(dims.vocab_size)), "float32")},
         },
     }
 
 
-def build_graphs(loaded, batch_size: int, cache_len: int) -> GraphSet:
-    """The modules the engine runs, wrapped for tracing at ``batch_size``, with example inputs.
+def recorded_shapes(graphs: GraphSet, encoder_outputs: Sequence[Any], logits: Any) -> dict[str, dict[str, Any]]:
+    """The manifest's graph entry read off the real tensors: example inputs, state parameters, outputs.
 
-    Built exactly like :class:`batch_job.engine.Engine` builds them (fp32 model on CPU, eval,
-    ``EncoderGraph(model)`` / ``DecoderStepGraph(model)``); the decoder step gets its cache as
-    state (:class:`CachedDecoderStep`). Used by ``whisper-batch compile`` and by the tests.
+    Recorded rather than computed, so the manifest shows what the traced graphs take and hold;
+    :func:`graph_shapes` is what the engine checks them against at load.
     """
+    from batch_job.inference import STATE_KINDS
+
+    def t(tensor):
+        return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+
+    step = graphs.step
+    state = {}
+    for kind in STATE_KINDS:
+        tensors = step.kind(kind)
+        if any(t(x) != t(tensors[0]) for x in tensors):
+            raise ModelError(f"{kind} states differ in shape or dtype across layers")
+        state[kind] = {**t(tensors[0]), "layers": len(tensors)}
+    return {
+        "encoder": {
+            "inputs": {"mel": t(graphs.encoder_inputs[0])},
+            "outputs": dict(zip(("cross_k", "cross_v"), (t(x) for x in encoder_outputs))),
+        },
+        "step": {
+            "inputs": dict(zip(("tokens", "position"), (t(x) for x in graphs.step_inputs))),
+            "state": state,
+            "state_order": list(STATE_KINDS),
+            "outputs": {"logits": t(logits)},
+        },
+    }
+
+
+def build_graphs(loaded, batch_size: int, cache_len: int, dtype: str = DEFAULT_DTYPE) -> GraphSet:
+    """The engine's modules at ``batch_size`` in ``dtype``, ready for tracing, with example inputs.
+
+    A bfloat16 set works on a cast copy of ``loaded.model`` (:func:`~batch_job.inference.cast_for_inference`:
+    layer norms stay float32); a float32 set shares its modules. Used by ``whisper-batch compile``,
+    the lowering check and the tests.
+    """
+    import copy
+
     import torch
 
-    from batch_job.inference import N_FRAMES, CacheShape, DecoderStepGraph, EncoderGraph
+    from batch_job.inference import N_FRAMES, DecoderStepGraph, EncoderGraph, StatefulDecoderStep, cast_for_inference
 
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    torch_dtype = getattr(torch, dtype)
     model = loaded.model.to(torch.device("cpu"), dtype=torch.float32).eval()
+    if torch_dtype != torch.float32:
+        model = cast_for_inference(copy.deepcopy(model), torch_dtype)
     config = model.config
     if cache_len > int(config.max_target_positions):
         raise ModelError(f"cache length {cache_len} exceeds the model's {config.max_target_positions} positions")
-    heads = int(config.decoder_attention_heads)
-    shape = CacheShape(int(config.decoder_layers), int(batch_size), heads, int(cache_len), int(config.d_model) // heads)
     encoder = EncoderGraph(model).eval()
-    step = cached_step(DecoderStepGraph(model).eval(), shape.dims, torch.float32)
-    cross_dims = (shape.layers, shape.batch, heads, int(config.max_source_positions), shape.head_dim)
-    mel = torch.zeros(batch_size, int(config.num_mel_bins), N_FRAMES, dtype=torch.float32)
+    step = StatefulDecoderStep(DecoderStepGraph(model).eval(), batch=int(batch_size), cache_len=int(cache_len),
+                               dtype=torch_dtype).eval()
+    mel = torch.zeros(batch_size, int(config.num_mel_bins), N_FRAMES, dtype=torch_dtype)
     step_inputs = (
-        torch.full((batch_size, 1), int(getattr(loaded, "sot", 0) or 0), dtype=torch.long),
-        torch.tensor([0], dtype=torch.long),
-        torch.zeros(cross_dims, dtype=torch.float32),
-        torch.zeros(cross_dims, dtype=torch.float32),
+        torch.full((batch_size, 1), int(getattr(loaded, "sot", 0) or 0), dtype=torch.int32),
+        torch.tensor([0], dtype=torch.int32),
     )
     return GraphSet(
         batch_size=int(batch_size),
         cache_len=int(cache_len),
+        dtype=dtype,
         encoder=encoder,
         step=step,
         encoder_inputs=(mel,),
         step_inputs=step_inputs,
-        aliases={step.self_k: 1, step.self_v: 2},
-        shapes=graph_shapes(config, batch_size, cache_len),
+        aliases=step.aliases,
     )
 
 
@@ -206,28 +205,26 @@ def trace_jit(graphs: GraphSet) -> tuple[Any, Any]:
 
     with torch.no_grad():
         encoder = torch.jit.trace(graphs.encoder, graphs.encoder_inputs, check_trace=False)
-        # check_trace re-runs the module, which would mutate the cache state twice: not useful here.
         step = torch.jit.trace(graphs.step, graphs.step_inputs, check_trace=False)
-    graphs.step.self_k.zero_()
-    graphs.step.self_v.zero_()
     return encoder, step
 
 
 def trace_neuron(
     graphs: GraphSet,
     *,
-    compiler_args: Sequence[str] = COMPILER_ARGS,
+    compiler_args: Sequence[str] | None = None,
     cpu_backend: bool = False,
     workdir: str | Path | None = None,
 ) -> tuple[Any, Any]:  # pragma: no cover - needs torch-neuronx (Neuron SDK)
-    """``torch_neuronx.trace`` both modules (weights kept out of the NEFF, cache aliased)."""
+    """``torch_neuronx.trace`` both modules (weights kept out of the NEFF, every cache aliased)."""
     try:
         import torch_neuronx
     except ImportError as exc:
         raise ModelError(NEURON_HINT) from exc
     import torch
 
-    common: dict[str, Any] = {"compiler_args": list(compiler_args), "inline_weights_to_neff": False}
+    args = list(compiler_args if compiler_args is not None else compiler_args_for(graphs.dtype))
+    common: dict[str, Any] = {"compiler_args": args, "inline_weights_to_neff": False}
     if cpu_backend:
         common["cpu_backend"] = True
     wd = Path(workdir) if workdir else None
@@ -249,7 +246,7 @@ def trace_neuron(
 
 
 # --------------------------------------------------------------------------------------------
-# compile: trace every bucket, save, manifest
+# compile: trace every bucket, save, side data, manifest
 # --------------------------------------------------------------------------------------------
 
 
@@ -260,38 +257,54 @@ def compile_model(
     batch_sizes: Sequence[int],
     max_new_tokens: int,
     backend: str = "neuron",
+    dtype: str = DEFAULT_DTYPE,
     cpu_backend: bool = False,
-    compiler_args: Sequence[str] = COMPILER_ARGS,
+    compiler_args: Sequence[str] | None = None,
     workdir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Trace and save the graphs of ``loaded`` for every batch size; returns the manifest written.
 
-    Layout: ``out_dir/b<B>/encoder.pt``, ``out_dir/b<B>/step.pt`` (``torch.jit.save``) and
-    ``out_dir/manifest.json``, written last (an interrupted compile leaves no manifest).
+    Layout: ``out_dir/b<B>/encoder.pt``, ``out_dir/b<B>/step.pt`` (``torch.jit.save``), the side
+    data (``mel_filters.npy``, ``tokenizer.json``) and ``out_dir/manifest.json``, written last
+    (an interrupted compile leaves no manifest).
     """
     import torch
 
     from batch_job import __version__
-    from batch_job.engine import PROMPT_SLOTS
+    from batch_job.engine import PROMPT_SLOTS, engine_cache_len, special_tokens
+    from batch_job.graph_cache import MelFrontend, ModelDims, write_side_data
     from batch_job.neuron.manifest import FORMAT, MANIFEST_NAME, package_versions, write_manifest
 
     if backend not in ("neuron", "jit"):
         raise ModelError(f"unknown backend {backend!r}: use neuron or jit")
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     sizes = sorted({int(b) for b in batch_sizes})
     if not sizes or sizes[0] < 1:
         raise ModelError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    args = list(compiler_args if compiler_args is not None else compiler_args_for(dtype))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # incomplete until the new manifest is written
     config = loaded.model.config
-    cache_len = cache_len_for(config, max_new_tokens)
+    cache_len = engine_cache_len(config.max_target_positions, max_new_tokens)
+    dims = ModelDims.from_config(config, cache_len)
+    side = write_side_data(out, tokens=special_tokens(loaded), dims=dims,
+                           mel=MelFrontend.from_feature_extractor(loaded.feature_extractor),
+                           tokenizer_json=loaded.tokenizer.backend_tokenizer.to_str(),
+                           clean_up_spaces=bool(getattr(loaded.tokenizer, "clean_up_tokenization_spaces", False)))
     graphs_entry: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for b in sizes:
-        graphs = build_graphs(loaded, b, cache_len)
+        graphs = build_graphs(loaded, b, cache_len, dtype)
+        with torch.no_grad():  # one eager run: the real output shapes and dtypes for the manifest
+            encoder_outputs = graphs.encoder(*graphs.encoder_inputs)
+            logits = graphs.step(*graphs.step_inputs)[0]
+        entry = recorded_shapes(graphs, encoder_outputs, logits)
+        del encoder_outputs
         t0 = time.perf_counter()
         if backend == "neuron":
-            encoder, step = trace_neuron(graphs, compiler_args=compiler_args, cpu_backend=cpu_backend, workdir=workdir)
+            encoder, step = trace_neuron(graphs, compiler_args=args, cpu_backend=cpu_backend, workdir=workdir)
         else:
             encoder, step = trace_jit(graphs)
         timings[str(b)] = round(time.perf_counter() - t0, 2)
@@ -301,25 +314,25 @@ def compile_model(
         bdir.mkdir(parents=True)
         torch.jit.save(encoder, str(bdir / "encoder.pt"))
         torch.jit.save(step, str(bdir / "step.pt"))
-        entry = graphs.shapes
         entry["encoder"]["file"] = f"b{b}/encoder.pt"
         entry["step"]["file"] = f"b{b}/step.pt"
         graphs_entry[str(b)] = entry
-        log.info("batch %d: traced (%s) in %.1f s", b, backend, timings[str(b)])
+        log.info("batch %d: traced (%s, %s) in %.1f s", b, backend, dtype, timings[str(b)])
     versions = package_versions()
     versions["whisper-batch"] = versions.get("whisper-batch") or __version__
     manifest = {
         "format": FORMAT,
         "backend": backend,
         "model": {"id": loaded.name, "checksum": loaded.checksum},
-        "dtype": "float32",
-        "compiler_args": list(compiler_args) if backend == "neuron" else [],
+        "dtype": dtype,
+        "compiler_args": args if backend == "neuron" else [],
         "cpu_backend": bool(cpu_backend) if backend == "neuron" else None,
         "inline_weights_to_neff": False if backend == "neuron" else None,
         "cache_len": cache_len,
         "max_new_tokens": cache_len - PROMPT_SLOTS,
         "batch_sizes": sizes,
         "graphs": graphs_entry,
+        **side,
         "trace_seconds": timings,
         "versions": versions,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -382,7 +395,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--buckets", help="extra, smaller batch sizes to compile, comma-separated (e.g. 1,2,4)")
     p.add_argument("--max-tokens", type=int, help="generated tokens per window = static cache length - prompt "
                                                   "(default $WHISPER_BATCH_MAX_NEW_TOKENS)")
-    p.add_argument("--out", required=True, help="output directory (WHISPER_BATCH_COMPILED_DIR at run time)")
+    p.add_argument("--out", help="output directory (WHISPER_BATCH_COMPILED_DIR at run time); required unless --plan")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+                   help="weights, caches and activations (layer norms, softmax and logits stay float32); default bfloat16")
+    p.add_argument("--plan", action="store_true",
+                   help="print the device and host memory plan for these settings and exit (from the model's config; "
+                        "no weights needed for known hub ids such as openai/whisper-large-v3)")
     p.add_argument("--cpu-backend", action="store_true",
                    help="compile without a Neuron device (torch_neuronx.trace(cpu_backend=True), target inf2)")
     p.add_argument("--backend", choices=("neuron", "jit"), default="neuron",
@@ -393,12 +411,10 @@ def register(subparsers: Any) -> None:
 
 def _command(args: argparse.Namespace) -> int:
     from batch_job import exit_codes
+    from batch_job.engine import engine_cache_len
     from batch_job.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if args.backend == "neuron" and importlib.util.find_spec("torch_neuronx") is None:
-        print(f"error: {NEURON_HINT}", file=sys.stderr)
-        return exit_codes.CONFIG_ERROR
     try:
         settings = Settings.from_env().replace(
             model=args.model, batch_size=args.batch_size, max_new_tokens=args.max_tokens
@@ -406,6 +422,23 @@ def _command(args: argparse.Namespace) -> int:
         sizes = parse_sizes(settings.batch_size, args.buckets)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return exit_codes.CONFIG_ERROR
+    if args.plan:
+        from batch_job.neuron import plan
+
+        try:
+            dims = plan.dims_for_model(settings.model, settings.cache_dir)
+        except ModelError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exit_codes.CONFIG_ERROR
+        cache_len = engine_cache_len(dims.max_target_positions, settings.max_new_tokens)
+        print(plan.format_plan(plan.plan(dims, sizes, cache_len, dtype=args.dtype)))
+        return exit_codes.OK
+    if not args.out:
+        print("error: --out DIR is required (or --plan)", file=sys.stderr)
+        return exit_codes.CONFIG_ERROR
+    if args.backend == "neuron" and importlib.util.find_spec("torch_neuronx") is None:
+        print(f"error: {NEURON_HINT}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR
     from batch_job.models import load_model
 
@@ -418,6 +451,7 @@ def _command(args: argparse.Namespace) -> int:
             batch_sizes=sizes,
             max_new_tokens=settings.max_new_tokens,
             backend=args.backend,
+            dtype=args.dtype,
             cpu_backend=args.cpu_backend,
             workdir=args.compiler_workdir,
         )
@@ -425,7 +459,7 @@ def _command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR
     print(
-        f"compiled {manifest['model']['id']} ({args.backend}) batch sizes {manifest['batch_sizes']}, "
+        f"compiled {manifest['model']['id']} ({args.backend}, {manifest['dtype']}) batch sizes {manifest['batch_sizes']}, "
         f"cache_len {manifest['cache_len']} -> {args.out} in {time.perf_counter() - t0:.1f} s"
     )
     return exit_codes.OK

@@ -5,26 +5,32 @@ Written by ``whisper-batch compile`` next to the graphs; read and checked at job
 another cache length, other shapes or another SDK are refused with a clear
 :class:`~batch_job.errors.ModelError` instead of failing deep inside the Neuron runtime.
 
-Layout (``format`` 1)::
+Layout (``format`` 2)::
 
     {
-      "format": 1,
+      "format": 2,
       "backend": "neuron" | "jit",          # jit = torch.jit.trace on CPU (tests, no Neuron)
-      "model": {"id": "openai/whisper-large-v3", "checksum": "<sha256 of the weights>"},
-      "dtype": "float32",                   # graph input/output dtype (matmuls auto-cast, see flags)
+      "model": {"id": "openai/whisper-large-v3-turbo", "checksum": "<sha256 of the weights>"},
+      "dtype": "bfloat16",                  # weights, caches and encoder input; logits float32
       "compiler_args": ["--model-type=transformer", ...],
       "cpu_backend": true,
       "inline_weights_to_neff": false,
       "cache_len": 228,                     # static self-attention cache slots (prompt + tokens)
       "max_new_tokens": 224,
-      "batch_sizes": [1, 8],
+      "batch_sizes": [8],
       "graphs": {"8": {"encoder": {"file": "b8/encoder.pt", "inputs": {...}, "outputs": {...}},
-                       "step": {"file": "b8/step.pt", "inputs": {...}, "outputs": {...},
-                                "state": {...}, "aliases": {"self_k": 1, "self_v": 2}}}},
+                       "step": {"file": "b8/step.pt",
+                                "inputs": {"tokens": int32 [8, 1], "position": int32 [1]},
+                                "state": {"self_k": {"shape": [8, 20, 228, 64], "dtype": ..., "layers": 4}, ...},
+                                "outputs": {"logits": float32 [8, V]}, "state_order": [...]}}},
+      "dims": {...}, "tokens": {...}, "mel": {...}, "tokenizer": {...},   # side data: no eager model at run time
       "versions": {"torch": "...", "torch-neuronx": "...", "neuronx-cc": "...",
                    "transformers": "...", "whisper-batch": "..."},
-      "created": "2026-11-22T13:40:00Z"
+      "created": "2026-12-02T13:40:00Z"
     }
+
+A step's ``inputs`` are recorded from the very tensors it was traced with and its ``state``
+from the traced module's state tensors, so the manifest shows what the graph really takes.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from typing import Any, Mapping, Sequence
 from batch_job.errors import ModelError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = 1
+FORMAT = 2
 
 #: Packages whose versions are recorded, and must match at load time.
 VERSIONED_PACKAGES = ("torch", "torch-neuronx", "neuronx-cc", "transformers", "whisper-batch")
@@ -89,7 +95,8 @@ def read_manifest(compiled_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelError(f"cannot read {path}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelError(f"{path}: unknown manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r} (expected {FORMAT})")
-    missing = [k for k in ("backend", "model", "cache_len", "batch_sizes", "graphs", "versions") if k not in manifest]
+    missing = [k for k in ("backend", "model", "dtype", "cache_len", "batch_sizes", "graphs", "versions", "dims", "tokens",
+                           "mel", "tokenizer") if k not in manifest]
     if missing:
         raise ModelError(f"{path}: manifest lacks {', '.join(missing)}")
     for b in manifest["batch_sizes"]:
@@ -102,7 +109,8 @@ def read_manifest(compiled_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def check_manifest(
     manifest: Mapping[str, Any],
     *,
-    model_checksum: str,
+    model_id: str | None = None,
+    model_checksum: str | None = None,
     cache_len: int,
     batch_sizes: Sequence[int] | None = None,
     versions: Mapping[str, str | None] | None = None,
@@ -110,7 +118,8 @@ def check_manifest(
 ) -> None:
     """Refuse graphs that do not fit the running engine, naming the first mismatch.
 
-    * ``model_checksum``: sha256 of the loaded weights (the graphs bake the compile-time weights in);
+    * ``model_id``: the ``--model`` the job asks for (the graphs carry the compile-time weights);
+    * ``model_checksum``: sha256 of the weights, when the caller has them (``None`` = not checked);
     * ``cache_len``: the engine's static cache length (from ``max_new_tokens``);
     * ``batch_sizes``: sizes the engine needs (``None`` = take whatever was compiled);
     * ``versions``: running package versions; every key given must equal the compile-time one
@@ -119,8 +128,13 @@ def check_manifest(
       (see :func:`batch_job.neuron.compile.graph_shapes`); compared for every given batch size.
     """
     model = manifest.get("model") or {}
+    if model_id is not None and model.get("id") != model_id:
+        raise ModelError(
+            f"compiled graphs are for model {model.get('id')!r}, but the job asks for {model_id!r}: set "
+            f"WHISPER_BATCH_MODEL to {model.get('id')!r} or recompile with 'whisper-batch compile --model {model_id}'"
+        )
     compiled_for = model.get("checksum")
-    if compiled_for != model_checksum:
+    if model_checksum is not None and compiled_for != model_checksum:
         raise ModelError(
             f"compiled graphs are for model {model.get('id')!r} with weights sha256 {str(compiled_for)[:12]}..., "
             f"but the loaded model's weights are {model_checksum[:12]}...: recompile with 'whisper-batch compile' "
@@ -154,10 +168,17 @@ def check_manifest(
             got = graphs.get(str(batch)) or {}
             for graph, spec in expected.items():
                 have = got.get(graph) or {}
-                for part in ("inputs", "state", "outputs"):
+                for part in ("inputs", "state", "outputs", "state_order"):
                     if part not in spec:
                         continue
                     want, got_part = _norm(spec[part]), _norm(have.get(part)) or {}
+                    if not isinstance(want, dict):
+                        if want != got_part:
+                            raise ModelError(
+                                f"compiled {graph} graph for batch {batch} has {part} {got_part}, the engine needs "
+                                f"{want}: recompile with 'whisper-batch compile'"
+                            )
+                        continue
                     for name in sorted(set(want) | set(got_part)):
                         if want.get(name) != got_part.get(name):
                             raise ModelError(

@@ -1,10 +1,19 @@
-"""Detecting a NeuronCore and loading compiled graphs at job start.
+"""Loading compiled graphs at job start: the engine's bundle on a NeuronCore, no eager model.
 
-:func:`load_compiled` reads ``manifest.json``, checks it against the running engine (model
-checksum, cache length, shapes, package versions), ``torch.jit.load``\\ s each graph and moves
-it to the NeuronCore (``torch_neuronx.move_trace_to_device``: the weights are kept out of the
-NEFF at compile time). It returns ``{batch_size: CompiledGraphs}`` whose ``.encode`` / ``.step``
-plug into :class:`batch_job.inference.StaticCacheInference` unchanged.
+:func:`load_bundle` reads ``manifest.json`` (written by ``whisper-batch compile``), checks it
+against the running settings (model, cache length, shapes, dtype, package versions), loads the
+side data saved next to the graphs (special tokens, dims, mel filters, tokenizer) and then
+each bucket's graphs: ``torch.jit.load`` and, for Neuron, ``torch_neuronx.move_trace_to_device``
+(the weights are kept out of the NEFF at compile time). Nothing from transformers is imported
+and no eager model is built: on inf2 the compiled graphs are the model.
+
+Failures are split by what a retry can do:
+
+* manifest, shape, dtype, model and version mismatches, missing files, a container without a
+  Neuron device node -> :class:`~batch_job.errors.ModelError` (exit 78, never retried): this
+  image or job definition is wrong;
+* the Neuron runtime refusing to load or place a graph (no free NeuronCore, driver hiccup,
+  device memory) -> :class:`~batch_job.errors.DeviceError` (exit 75, retried).
 
 torch-neuronx is imported only when a manifest says ``backend: neuron``.
 """
@@ -15,51 +24,70 @@ import glob
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
+
+from batch_job.errors import DeviceError, ModelError
 
 log = logging.getLogger(__name__)
+
+DEVICE_GLOB = "/dev/neuron*"
 
 
 def neuron_available() -> bool:
     """True when torch-neuronx is importable and a Neuron device node exists."""
     if importlib.util.find_spec("torch_neuronx") is None:
         return False
-    return bool(glob.glob("/dev/neuron*"))
+    return bool(glob.glob(DEVICE_GLOB))
 
 
 def configure_one_core() -> None:
     """One process = one NeuronCore (two jobs share an inf2 chip), unless the host pinned cores.
 
-    Must run before the Neuron runtime initialises (first model load); :func:`load_compiled`
-    calls it first thing.
+    Must run before the Neuron runtime initialises (first graph load); :func:`load_bundle`
+    calls it first thing. The image also sets ``NEURON_RT_NUM_CORES=1``.
     """
     if "NEURON_RT_VISIBLE_CORES" not in os.environ:
         os.environ.setdefault("NEURON_RT_NUM_CORES", "1")
 
 
-class CompiledGraphs:
-    """One batch size's compiled graphs, with the callables ``StaticCacheInference`` expects.
+def check_device_node() -> str:
+    """The first Neuron device node, readable and writable by this process; ModelError otherwise."""
+    nodes = sorted(glob.glob(DEVICE_GLOB))
+    if not nodes:
+        raise ModelError(
+            "no Neuron device in this container (/dev/neuron0 is absent): run on inf2 with the job "
+            "definition's LinuxParameters.Devices mapping /dev/neuron0, or use --device cpu"
+        )
+    node = nodes[0]
+    if not os.access(node, os.R_OK | os.W_OK):
+        raise ModelError(
+            f"{node} exists but cannot be opened for reading and writing by uid {os.getuid()}: the container "
+            f"user needs access to the device (check the device mapping's permissions)"
+        )
+    return node
 
-    ``encode(mel) -> (cross_k, cross_v)`` is the traced encoder. ``step`` adapts the traced
-    :class:`~batch_job.neuron.compile.CachedDecoderStep` (``(tokens, position, cross_k, cross_v)``,
-    cache held as aliased device state) to the engine's step signature ``(tokens, position,
-    self_k, self_v, cross_k, cross_v) -> (logits, self_k, self_v)``: the host-side cache tensors
-    are passed through untouched (the real cache lives in the graph) and the graph's cache
-    outputs are dropped.
+
+@dataclass(frozen=True)
+class StatefulGraphs:
+    """One bucket's compiled encoder and stateful step (:class:`~batch_job.inference.StatefulDecoderStep`).
+
+    ``states`` are the step's state tensors in :data:`~batch_job.inference.STATE_KINDS` order,
+    as the compiled module holds them (``step.states``; on Neuron: on the device).
     """
 
-    def __init__(self, encoder: Any, step: Any, batch_size: int) -> None:
-        self.encoder = encoder
-        self.step_graph = step
-        self.batch_size = batch_size
+    encode: Callable
+    step: Callable
+    states: tuple
+    dtype: Any
+    emulate_aliases: bool
 
-    def encode(self, mel):
-        return self.encoder(mel)
+    def inference(self, shape: Any, *, device: Any = None) -> Any:
+        from batch_job.inference import StatefulInference
 
-    def step(self, tokens, position, self_k, self_v, cross_k, cross_v):
-        logits = self.step_graph(tokens, position, cross_k, cross_v)[0]
-        return logits, self_k, self_v
+        return StatefulInference(self.encode, self.step, self.states, shape, dtype=self.dtype,
+                                 emulate_aliases=self.emulate_aliases)
 
 
 def running_versions(backend: str) -> dict[str, str | None]:
@@ -74,58 +102,88 @@ def running_versions(backend: str) -> dict[str, str | None]:
     return versions
 
 
-def load_compiled(compiled_dir: str, loaded, *, cache_len: int, batch_sizes=None) -> dict[int, CompiledGraphs]:
-    """Load the compiled encoder/step graphs for every batch size in ``compiled_dir``'s manifest.
+def load_bundle(settings: Any, *, batch_sizes: Sequence[int] | None = None) -> Any:
+    """The engine's :class:`~batch_job.graph_cache.ModelBundle` from ``settings.compiled_dir``.
 
-    Raises :class:`~batch_job.errors.ModelError` with the reason when the directory, the manifest
-    or a graph is missing, when the manifest does not match ``loaded`` / ``cache_len`` / the
-    installed packages, or when torch-neuronx is needed and absent.
+    Checks the manifest against ``settings`` (model, ``max_new_tokens`` -> cache length) and the
+    installed packages before touching the device; see the module docstring for the errors.
     """
     import torch
 
-    from batch_job.errors import ModelError
+    from batch_job.engine import engine_cache_len
+    from batch_job.graph_cache import ModelBundle, read_side_data
     from batch_job.neuron.compile import NEURON_HINT, graph_shapes
     from batch_job.neuron.manifest import check_manifest, read_manifest
 
     configure_one_core()
-    manifest = read_manifest(compiled_dir)
+    root = Path(settings.compiled_dir) if settings.compiled_dir else None
+    manifest = read_manifest(settings.compiled_dir)
     backend = manifest.get("backend")
     if backend not in ("neuron", "jit"):
-        raise ModelError(f"{compiled_dir}: unknown backend {backend!r} in manifest.json")
+        raise ModelError(f"{root}: unknown backend {backend!r} in manifest.json")
+    try:
+        tokens, dims, mel, text = read_side_data(root, manifest)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{root}: the side data next to the graphs is unusable ({exc}); recompile") from exc
+    cache_len = engine_cache_len(dims.max_target_positions, settings.max_new_tokens)
+    dtype = manifest["dtype"]
     sizes = sorted(int(b) for b in manifest["batch_sizes"])
-    config = loaded.model.config
     check_manifest(
         manifest,
-        model_checksum=loaded.checksum,
+        model_id=settings.model,
         cache_len=cache_len,
         batch_sizes=batch_sizes,
         versions=running_versions(backend),
-        shapes={b: graph_shapes(config, b, cache_len) for b in sizes},
+        shapes={b: graph_shapes(dims, b, cache_len, dtype) for b in sizes},
     )
-    move = None
-    if backend == "neuron":  # pragma: no cover - needs inf2
+    move: Callable | None = None
+    if backend == "neuron":  # pragma: no cover - needs torch-neuronx and inf2
+        check_device_node()
         try:
             import torch_neuronx
         except ImportError as exc:
-            raise ModelError(f"{compiled_dir} holds Neuron graphs but {NEURON_HINT}") from exc
+            raise ModelError(f"{root} holds Neuron graphs but {NEURON_HINT}") from exc
         move = torch_neuronx.move_trace_to_device
-    root = Path(compiled_dir)
-    out: dict[int, CompiledGraphs] = {}
+    torch_dtype = getattr(torch, dtype)
+    graphs = {}
     for b in sizes:
         entry: Mapping[str, Any] = manifest["graphs"][str(b)]
-        graphs = []
-        for name in ("encoder", "step"):
-            path = root / entry[name]["file"]
-            if not path.is_file():
-                raise ModelError(f"compiled {name} graph for batch {b} is missing: {path}")
-            try:
-                graph = torch.jit.load(str(path), map_location="cpu")
-                if move is not None:  # pragma: no cover - needs inf2
-                    move(graph, 0)  # core 0 of the cores this process sees (one, see configure_one_core)
-            except Exception as exc:  # corrupt file, runtime refusal, out of device memory
-                raise ModelError(f"cannot load compiled {name} graph {path}: {exc}") from exc
-            graph.eval()
-            graphs.append(graph)
-        out[b] = CompiledGraphs(graphs[0], graphs[1], b)
-    log.info("loaded %s graphs for batch sizes %s from %s", backend, sizes, compiled_dir)
-    return out
+        encoder = _load_graph(root / entry["encoder"]["file"], move)
+        step = _load_graph(root / entry["step"]["file"], move)
+        states = tuple(_states(step, 4 * dims.layers, root / entry["step"]["file"]))
+        graphs[b] = StatefulGraphs(encoder, step, states, torch_dtype, emulate_aliases=backend != "neuron")
+    log.info("loaded %s graphs (%s) for batch sizes %s from %s", backend, dtype, sizes, root)
+    model = manifest["model"]
+    return ModelBundle(name=model["id"], checksum=model["checksum"], tokens=tokens, dims=dims, text=text, mel=mel,
+                       graphs=graphs, source="compiled", cache_path=root)
+
+
+def _load_graph(path: Path, move: Callable | None) -> Any:
+    """``torch.jit.load`` one graph (and move it to the NeuronCore); errors split as the module says."""
+    import torch
+
+    if not path.is_file():
+        raise ModelError(f"compiled graph {path} is missing: recompile with 'whisper-batch compile'")
+    if move is None:
+        try:
+            return torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
+            raise ModelError(f"cannot load compiled graph {path}: {exc}") from exc
+    try:  # pragma: no cover - needs inf2
+        graph = torch.jit.load(str(path), map_location="cpu")
+        move(graph, 0)  # core 0 of the cores this process sees (one, see configure_one_core)
+        return graph.eval()
+    except Exception as exc:  # noqa: BLE001 - the runtime's refusals are all RuntimeErrors
+        # The manifest, files and versions were checked above, so what fails here is the runtime
+        # placing the graph: a busy or missing NeuronCore, device memory, the driver. Retry.
+        raise DeviceError(f"the Neuron runtime could not load {path.name} onto a NeuronCore: {exc}") from exc
+
+
+def _states(step: Any, expected: int, path: Path) -> list:
+    """The compiled step's state tensors in order (``step.states.0`` ... as traced)."""
+    try:
+        params = dict(step.states.named_parameters())
+        states = [params[str(j)] for j in range(expected)]
+    except (AttributeError, KeyError) as exc:
+        raise ModelError(f"compiled step graph {path} does not hold the {expected} cache states the engine needs") from exc
+    return states
