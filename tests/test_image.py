@@ -273,6 +273,10 @@ def test_compile_step(steps):
     assert opts["--max-tokens"] == "${MAX_TOKENS}" and opts["--out"] == "/opt/whisper-batch/compiled"
     assert opts["--dtype"] == "bfloat16"
     assert "--cpu-backend" in argv
+    # The runtime loads only the compiled directory, so the checkpoint weights leave the image.
+    cleanup = [part.strip() for part in run.split("&&") if part.strip().startswith("find ")]
+    assert cleanup and "-delete" in cleanup[0] and "*.safetensors" in cleanup[0]
+    assert "$HF_HOME" in cleanup[0] and "$WHISPER_BATCH_CACHE_DIR" in cleanup[0]
 
 
 def test_entrypoint_resets_the_dlc_one(steps):
