@@ -597,3 +597,18 @@ def test_fetch_model_downloads_hub_ids(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "resolve_checkpoint", lambda name, cache: tmp_path / "ckpt")
     assert fetch_model("openai/whisper-large-v3", str(tmp_path)) == tmp_path / "ckpt"
     assert calls == [{"repo_id": "openai/whisper-large-v3", "allow_patterns": list(HUB_PATTERNS)}]
+
+
+def test_inf2_smoke_script_runs_end_to_end_on_the_jit_backend(tmp_path, capsys, neuron_env):
+    """scripts/neuron_smoke.py is run once, by hand, on the first inf2 host: it must not be the thing that breaks."""
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("neuron_smoke", REPO / "scripts" / "neuron_smoke.py")
+    smoke = iu.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    code = smoke.main(["--backend", "jit", "--dtype", "float32", "--batch-sizes", "1", "--steps", "2",
+                       "--check-steps", "2", "--max-tokens", "8", "--out", str(tmp_path / "g"),
+                       "--audio-dir", str(shared_clip(CLIPS[0]).parent)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "top-1 agree True" in out and "x real time per core" in out and "OK: compiled graphs agree" in out
