@@ -1,7 +1,7 @@
 """``manifest.json`` of a compiled-graphs directory: what was compiled, from what, with what.
 
 Written by ``whisper-batch compile`` next to the graphs; read and checked at job start by
-:func:`batch_job.neuron.runtime.load_compiled` so that graphs compiled for another model,
+:func:`batch_job.neuron.runtime.load_bundle` so that graphs compiled for another model,
 another cache length, other shapes or another SDK are refused with a clear
 :class:`~batch_job.errors.ModelError` instead of failing deep inside the Neuron runtime.
 
