@@ -456,6 +456,8 @@ def test_job_definitions_contract_devices_and_env(resources):
         assert "Privileged" not in c or c["Privileged"] is False
         env = {e["Name"]: e["Value"] for e in c["Environment"]}
         assert env["NEURON_RT_NUM_CORES"] == "1"
+        vcpu = next(r["Value"] for r in c["ResourceRequirements"] if r["Type"] == "VCPU")
+        assert env["WHISPER_BATCH_THREADS"] == vcpu, name  # host threads never exceed the job's vCPUs
         assert env["WHISPER_BATCH_METRICS_NAMESPACE"] == {"Ref": "MetricsNamespace"}
         assert all(k.startswith(("WHISPER_BATCH_", "NEURON_RT_", "AWS_")) for k in env)
         assert ":${ImageTag}" in sub_text(c["Image"]) and "${Repository}" in sub_text(c["Image"])
