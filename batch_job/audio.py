@@ -24,8 +24,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 import numpy as np
 import soundfile as sf
@@ -232,7 +233,7 @@ def _decode_ffmpeg(p: Path, max_seconds: float | None) -> np.ndarray:
     return _finish(p, out)
 
 
-def _read_f32_pipe(pipe: IO[bytes], out: "_Output") -> None:
+def _read_f32_pipe(pipe: IO[bytes], out: _Output) -> None:
     """Read little-endian float32 samples from ``pipe`` into ``out`` until EOF."""
     carry = b""
     while True:

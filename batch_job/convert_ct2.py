@@ -30,9 +30,10 @@ import shutil
 import struct
 import tempfile
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -530,7 +531,7 @@ class CT2Source:
     vocabulary: Path
 
     @classmethod
-    def from_paths(cls, src: str | Path | Sequence[str | Path]) -> "CT2Source":
+    def from_paths(cls, src: str | Path | Sequence[str | Path]) -> CT2Source:
         """Accepts a directory with ``model.bin`` (or ``model.bin.part*``), or an explicit list of
         files: ``model.bin`` parts in order plus the directory's side files found next to the
         first part (``config.json``, ``tokenizer.json``, ``vocabulary.txt``)."""

@@ -12,8 +12,9 @@ loop per step), following openai/whisper's ``decoding.py``.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -72,7 +73,7 @@ class DecodingResult:
 
 
 class LogitFilter(Protocol):
-    def apply(self, logits: Tensor, state: "DecodeState") -> None:
+    def apply(self, logits: Tensor, state: DecodeState) -> None:
         """Mask ``logits [B, V]`` in place (set forbidden ids to ``-inf``)."""
         ...
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -207,7 +207,7 @@ class Engine:
         return self.loaded.feature_extractor
 
     @classmethod
-    def load(cls, settings: Settings) -> "Engine":
+    def load(cls, settings: Settings) -> Engine:
         """Load ``settings.model`` for ``settings.device``; raises ModelError with a clear reason.
 
         On CPU with ``jit_decoder`` the graphs come from the graph cache when present (no
@@ -378,7 +378,7 @@ class _CacheSlot:
     broken: bool
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> "_CacheSlot | None":
+    def for_settings(cls, settings: Settings) -> _CacheSlot | None:
         from batch_job.models import resolve_checkpoint, weights_checksum
 
         try:

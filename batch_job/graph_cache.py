@@ -35,9 +35,10 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class ModelDims:
         return self.d_model // self.heads
 
     @classmethod
-    def from_config(cls, config: Any, cache_len: int) -> "ModelDims":
+    def from_config(cls, config: Any, cache_len: int) -> ModelDims:
         """From a transformers ``WhisperConfig`` and the static cache length."""
         return cls(
             layers=int(config.decoder_layers),
@@ -105,7 +106,7 @@ class MelFrontend:
         self._window = None
 
     @classmethod
-    def from_feature_extractor(cls, fe: Any) -> "MelFrontend":
+    def from_feature_extractor(cls, fe: Any) -> MelFrontend:
         return cls(np.asarray(fe.mel_filters), fe.n_fft, fe.hop_length, float(getattr(fe, "dither", 0.0) or 0.0))
 
     def __call__(self, padded: np.ndarray):
@@ -140,7 +141,7 @@ class TokenizerText:
         self.clean_up_spaces = bool(clean_up_spaces)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], clean_up_spaces: bool = False) -> "TokenizerText":
+    def from_file(cls, path: str | os.PathLike[str], clean_up_spaces: bool = False) -> TokenizerText:
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_file(str(path)), clean_up_spaces)

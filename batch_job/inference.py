@@ -36,8 +36,9 @@ Where the cache lives is the one thing that differs, and it is decided outside t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F

@@ -43,11 +43,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Iterator, Mapping
+from typing import IO, Any
 
 from batch_job import __version__, exit_codes
 from batch_job.errors import InterruptedJobError, ModelError, WhisperBatchError
@@ -85,7 +86,7 @@ class JobContext:
     array_index: int | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "JobContext":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> JobContext:
         env = os.environ if environ is None else environ
 
         def _int(name: str) -> int | None:
@@ -505,7 +506,7 @@ def manifest_entry(s3: Any, manifest_uri: str, index: int) -> tuple[str, str | N
             raise ConfigError(f"manifest does not exist: {manifest_uri}") from None
         raise
     entries = []
-    for n, line in enumerate(l for l in text.splitlines() if l.strip()):
+    for n, line in enumerate(row for row in text.splitlines() if row.strip()):
         try:
             entry = json.loads(line)
         except ValueError as exc:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterable, Mapping, Sequence
+from typing import IO, Any
 
 #: PutMetricData accepts at most this many datums per call (the 2023+ limit is 1000; 20 is the
 #: historical one that every S3/CloudWatch stand-in accepts; a job emits fewer than 10).

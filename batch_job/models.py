@@ -20,9 +20,10 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from batch_job.convert_ct2 import (
     WEIGHTS_NAME,
@@ -217,9 +218,9 @@ class LoadedModel:
     (``i = 1500``).
     """
 
-    model: "WhisperForConditionalGeneration"
-    tokenizer: "WhisperTokenizerFast"
-    feature_extractor: "WhisperFeatureExtractor"
+    model: WhisperForConditionalGeneration
+    tokenizer: WhisperTokenizerFast
+    feature_extractor: WhisperFeatureExtractor
     name: str
     path: Path
     checksum: str
@@ -264,7 +265,7 @@ def load_model(
     *,
     cache_dir: str | Path,
     device: str = "cpu",
-    dtype: "torch.dtype | str | None" = None,
+    dtype: torch.dtype | str | None = None,
 ) -> LoadedModel:
     """Resolve (converting packaged weights if needed) and load a Whisper model in eval mode.
 

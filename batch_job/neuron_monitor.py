@@ -27,8 +27,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 
 def parse_visible_cores(value: str | None) -> frozenset[int] | None:
@@ -151,7 +152,7 @@ class NeuronMonitorSampler:
     def available(self) -> bool:
         return self._path is not None
 
-    def start(self) -> "NeuronMonitorSampler":
+    def start(self) -> NeuronMonitorSampler:
         if not self._path or self._proc is not None:
             return self
         try:
@@ -217,7 +218,7 @@ class NeuronMonitorSampler:
             return None
         return Utilization(avg=sum(samples) / len(samples), peak=max(samples), samples=len(samples))
 
-    def __enter__(self) -> "NeuronMonitorSampler":
+    def __enter__(self) -> NeuronMonitorSampler:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from batch_job.errors import MissingInputError, StorageError, TooLargeError, WhisperBatchError
 
@@ -41,7 +42,7 @@ class S3Uri:
         return f"s3://{self.bucket}/{self.key}"
 
     @classmethod
-    def parse(cls, uri: str, *, prefix: bool = False) -> "S3Uri":
+    def parse(cls, uri: str, *, prefix: bool = False) -> S3Uri:
         """Parse an S3 URI without URL-decoding the key.
 
         With ``prefix=True`` the key is an output prefix: it may be empty, and a non-empty one

@@ -16,8 +16,8 @@ non-overlapping, so timestamps inside a window map back to the file by adding ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -306,7 +306,7 @@ class Packed:
         """A stretch ``[start, end)`` of the window (samples) -> the same stretch in the file."""
         return self.to_file(start), self.to_file(end)
 
-    def tail(self, sample: int) -> "Packed | None":
+    def tail(self, sample: int) -> Packed | None:
         """What remains of the window after ``sample`` (window coordinates), or None."""
         rest: list[tuple[int, int]] = []
         for w0, a, b in self._offsets():
@@ -397,7 +397,7 @@ class Joined:
         b = min(max(end - w0, a), part.samples)
         return part.place(a, b)
 
-    def tail(self, sample: int) -> "Packed | Joined | None":
+    def tail(self, sample: int) -> Packed | Joined | None:
         """What remains of the window after ``sample`` (window coordinates), or None."""
         rest: list[Packed] = []
         for w0, p in zip(self._offsets(), self.parts):

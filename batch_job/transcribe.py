@@ -18,14 +18,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from batch_job.decoding import DecodingOptions, DecodingResult, compression_ratio
 from batch_job.audio import SAMPLE_RATE
+from batch_job.decoding import DecodingOptions, DecodingResult, compression_ratio
 from batch_job.result import Segment, Transcript
 from batch_job.segment import EncoderWindow, group_to_fill, join_windows
 from batch_job.settings import Settings
@@ -96,7 +97,7 @@ class FileResult:
 class Transcriber:
     """A loaded model ready to transcribe; load once, call many times."""
 
-    def __init__(self, engine: "Engine", settings: Settings, guards: Guards | None = None) -> None:
+    def __init__(self, engine: Engine, settings: Settings, guards: Guards | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.guards = guards or Guards()
@@ -104,7 +105,7 @@ class Transcriber:
         self.load_seconds = engine.load_seconds
 
     @classmethod
-    def load(cls, settings: Settings) -> "Transcriber":
+    def load(cls, settings: Settings) -> Transcriber:
         """Load the model named by ``settings.model`` on ``settings.device`` (compiled graphs too)."""
         from batch_job.engine import Engine
 
@@ -335,7 +336,7 @@ class Transcriber:
         return FileResult(state.name, transcript, None)
 
 
-def _share_encoder_passes(queue: list[_Task], files: dict[int, "_FileState"]) -> int:
+def _share_encoder_passes(queue: list[_Task], files: dict[int, _FileState]) -> int:
     """Join each file's queued short windows so that they share encoder passes; returns tasks saved.
 
     A window's undecoded tail (often 2-8 s) and a file's short windows would each cost a full

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cols = ["job_start_s", "audio_ready_s", "model_load_s", "model_ready_s", "first_window_s", "done_s", "wall_s"]
     median = {c: round(statistics.median(r[c] for r in rows if r[c] is not None), 3) for c in cols}
-    load = ", load average %.1f/%.1f/%.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    load = ", load average {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
     print(f"job overhead: {args.model} on {args.device}, clip {args.clip}, {args.runs} runs "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{load})")
     print("| run | " + " | ".join(cols) + " |")

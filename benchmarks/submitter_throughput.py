@@ -71,14 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100)
     args = parser.parse_args(argv)
 
-    from test_submitter_support import ENV, POWERTOOLS_ENV, BUCKET  # event builders + env
+    from test_submitter_support import BUCKET, ENV, POWERTOOLS_ENV  # event builders + env
 
     os.environ.update({**POWERTOOLS_ENV, **ENV, "LOG_LEVEL": "INFO"})
     import boto3
     from moto import mock_aws
-
     from test_submitter_support import (
-        LambdaContext, RecordingBatch, create_batch, create_table, s3_notification, s3_record, sqs_event,
+        LambdaContext,
+        RecordingBatch,
+        create_batch,
+        create_table,
+        s3_notification,
+        s3_record,
+        sqs_event,
     )
 
     with mock_aws(config={"batch": {"use_docker": False}}):

@@ -382,7 +382,7 @@ def render_table(results: list[dict], multilingual: bool) -> str:
         ratio = base["throughput"] / r["throughput"] if base else None
         er = r["error_rates"]
 
-        def cell(key: str) -> str:
+        def cell(key: str, er: dict = er) -> str:
             if key not in er:
                 return "-"
             return f"{100 * er[key]['rate']:.1f}% ({er[key]['files']})"

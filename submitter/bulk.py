@@ -28,7 +28,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Iterator, TextIO
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # pragma: no cover
     from submitter.jobs import Clients, ObjectRef
@@ -83,7 +84,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def run(args: argparse.Namespace, *, clients: "Clients | None" = None, out: TextIO | None = None) -> int:
+def run(args: argparse.Namespace, *, clients: Clients | None = None, out: TextIO | None = None) -> int:
     """Entry point of ``whisper-batch submit``; ``clients`` is the same seam as the handler's."""
     from submitter.settings import SettingsError, SubmitterSettings
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace, *, clients: "Clients | None" = None, out: Text
 
 
 class BulkSubmit:
-    def __init__(self, settings: "SubmitterSettings", clients: "Clients | None" = None, *,
+    def __init__(self, settings: SubmitterSettings, clients: Clients | None = None, *,
                  out: TextIO | None = None) -> None:
         from submitter.jobs import Clients, Submitter
 
@@ -119,7 +120,7 @@ class BulkSubmit:
         print(f"{status:<10} {uri}" + (f"  {detail}" if detail else ""), file=self.out)
 
     # -- listing ---------------------------------------------------------------------------------
-    def list_objects(self, bucket: str, prefix: str) -> Iterator["ObjectRef"]:
+    def list_objects(self, bucket: str, prefix: str) -> Iterator[ObjectRef]:
         from submitter.jobs import ObjectRef, normalize_etag
 
         paginator = self.clients.s3.get_paginator("list_objects_v2")
@@ -128,7 +129,7 @@ class BulkSubmit:
                 yield ObjectRef(bucket=bucket, key=item["Key"], etag=normalize_etag(item.get("ETag")),
                                 size=int(item.get("Size", 0)))
 
-    def candidates(self, bucket: str, prefix: str) -> list["ObjectRef"]:
+    def candidates(self, bucket: str, prefix: str) -> list[ObjectRef]:
         from submitter import rules
 
         keep = []
@@ -141,7 +142,7 @@ class BulkSubmit:
                 self._skipped(obj, reason)
         return keep
 
-    def _skipped(self, obj: "ObjectRef", reason: str, detail: str = "") -> None:
+    def _skipped(self, obj: ObjectRef, reason: str, detail: str = "") -> None:
         self.counts["skipped"] += 1
         self.skip_reasons[reason] += 1
         self.say("skipped", obj.uri, f"reason={reason}" + (f" {detail}" if detail else ""))
@@ -162,7 +163,7 @@ class BulkSubmit:
         self.summary()
         return EXIT_FAILED if self.counts["failed"] else 0
 
-    def submit_one(self, obj: "ObjectRef") -> None:
+    def submit_one(self, obj: ObjectRef) -> None:
         from submitter import rules
 
         try:
@@ -181,11 +182,11 @@ class BulkSubmit:
             self.say("submitted", obj.uri,
                      f"job={outcome.job_name} id={outcome.job_id} definition={outcome.job_definition}")
 
-    def submit_arrays(self, bucket: str, todo: list["ObjectRef"]) -> None:
+    def submit_arrays(self, bucket: str, todo: list[ObjectRef]) -> None:
         """Claim each object's idempotency record, then one array job per manifest chunk."""
         from submitter import rules
 
-        claimed: list["ObjectRef"] = []
+        claimed: list[ObjectRef] = []
         for obj in todo:
             try:
                 held = self.submitter.claim(obj)
@@ -213,7 +214,7 @@ class BulkSubmit:
                 else:
                     self.submit_array(bucket, definition, chunk)
 
-    def submit_array(self, bucket: str, definition: str, chunk: list["ObjectRef"]) -> None:
+    def submit_array(self, bucket: str, definition: str, chunk: list[ObjectRef]) -> None:
         import json
         import time
 
@@ -281,7 +282,7 @@ class _FixedDeadline:
         return self.millis
 
 
-def _definition(obj: "ObjectRef", settings: "SubmitterSettings") -> str:
+def _definition(obj: ObjectRef, settings: SubmitterSettings) -> str:
     from submitter.jobs import job_definition_for
 
     return job_definition_for(obj.size, settings)

@@ -26,8 +26,9 @@ import dataclasses
 import hashlib
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from submitter import rules
 
@@ -71,7 +72,7 @@ class Clients:
 
     @classmethod
     def create(cls, *, batch: Any = None, s3: Any = None, dynamodb: Any = None,
-               session: Any = None) -> "Clients":
+               session: Any = None) -> Clients:
         """boto3 clients (standard retry mode, bounded timeouts) for whatever is not given."""
         import boto3
         from botocore.config import Config
@@ -134,18 +135,18 @@ def job_name(bucket: str, key: str, etag: str) -> str:
     return f"{slug}-{suffix}"[:_MAX_JOB_NAME]
 
 
-def output_uri(bucket: str, settings: "SubmitterSettings") -> str:
+def output_uri(bucket: str, settings: SubmitterSettings) -> str:
     return f"s3://{bucket}/{settings.output_prefix}"
 
 
-def job_definition_for(size: int | None, settings: "SubmitterSettings") -> str:
+def job_definition_for(size: int | None, settings: SubmitterSettings) -> str:
     """The long-timeout definition for objects of at least ``LONG_JOB_MIN_BYTES``."""
     if size is not None and size >= settings.long_job_min_bytes:
         return settings.job_definition_long
     return settings.job_definition
 
 
-def submit_job_request(obj: ObjectRef, settings: "SubmitterSettings", *, source: str = "lambda") -> dict:
+def submit_job_request(obj: ObjectRef, settings: SubmitterSettings, *, source: str = "lambda") -> dict:
     """Keyword arguments of ``SubmitJob`` for one object. Bucket and key travel only as
     parameters (``Ref::input``/``Ref::output`` in the job definition, never through a shell)."""
     return {
@@ -165,7 +166,7 @@ def submit_job_request(obj: ObjectRef, settings: "SubmitterSettings", *, source:
 class Submitter:
     """Applies the rules to one object and submits it exactly once (per bucket/key/ETag)."""
 
-    def __init__(self, settings: "SubmitterSettings", clients: Clients, *, source: str = "lambda",
+    def __init__(self, settings: SubmitterSettings, clients: Clients, *, source: str = "lambda",
                  persistence: Any = None) -> None:
         from aws_lambda_powertools.utilities.idempotency import (
             DynamoDBPersistenceLayer,

@@ -50,7 +50,7 @@ def is_supported(key: str) -> bool:
     return extension(key) in SUPPORTED_EXTENSIONS
 
 
-def key_skip_reason(key: str, settings: "SubmitterSettings") -> str | None:
+def key_skip_reason(key: str, settings: SubmitterSettings) -> str | None:
     """Reason to skip ``key`` judging by the key alone, or ``None``.
 
     The output-prefix rule comes first: the worker's own outputs must never become jobs,
@@ -67,7 +67,7 @@ def key_skip_reason(key: str, settings: "SubmitterSettings") -> str | None:
     return None
 
 
-def size_skip_reason(size: int, settings: "SubmitterSettings") -> str | None:
+def size_skip_reason(size: int, settings: SubmitterSettings) -> str | None:
     """Reason to skip an object of ``size`` bytes, or ``None``."""
     if size <= 0:
         return EMPTY_OBJECT
@@ -76,7 +76,7 @@ def size_skip_reason(size: int, settings: "SubmitterSettings") -> str | None:
     return None
 
 
-def skip_reason(key: str, size: int | None, settings: "SubmitterSettings") -> str | None:
+def skip_reason(key: str, size: int | None, settings: SubmitterSettings) -> str | None:
     """All rules; ``size=None`` checks the key rules only."""
     reason = key_skip_reason(key, settings)
     if reason is None and size is not None:

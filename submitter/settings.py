@@ -22,8 +22,9 @@ This module has no third-party imports (the bulk CLI and tests use it without po
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 #: Default lifetime of an idempotency record: a re-upload of identical bytes to the same key
 #: within this window does not start a second job.
@@ -69,7 +70,7 @@ class SubmitterSettings:
     )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "SubmitterSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SubmitterSettings:
         """Read and validate the variables; keyword ``overrides`` (field names, ``None`` = unset)
         take precedence over the environment (the bulk CLI's flags).
 
@@ -118,6 +119,6 @@ class SubmitterSettings:
             raise SettingsError(problems)
         return cls(**values)
 
-    def replace(self, **changes: Any) -> "SubmitterSettings":
+    def replace(self, **changes: Any) -> SubmitterSettings:
         """A copy with the given fields changed (tests, local mode)."""
         return replace(self, **changes)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+from conftest import REPO, shared_clip
 
 from batch_job.audio import SAMPLE_RATE, audio_duration, load_audio
 from batch_job.errors import (
@@ -23,7 +24,6 @@ from batch_job.errors import (
     TooLongError,
     UnsupportedFormatError,
 )
-from conftest import REPO, shared_clip
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_clip
 
 from batch_job import models
 from batch_job.convert_ct2 import read_ct2_model
-from conftest import shared_clip
 
 torch = pytest.importorskip("torch")
 ctranslate2 = pytest.importorskip("ctranslate2")
@@ -48,13 +48,13 @@ def base(model_cache_dir: Path) -> models.LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def ct2_tiny_en() -> "ctranslate2.models.Whisper":
+def ct2_tiny_en() -> ctranslate2.models.Whisper:
     files = _packaged_or_skip("tiny.en")
     return ctranslate2.models.Whisper(str(files[0].parent), device="cpu", compute_type="float32", intra_threads=1)
 
 
 @pytest.fixture(scope="session")
-def ct2_base(tmp_path_factory) -> "ctranslate2.models.Whisper":
+def ct2_base(tmp_path_factory) -> ctranslate2.models.Whisper:
     """CTranslate2 needs one ``model.bin``: concatenate the two parts (streamed) into a temp dir."""
     parts = _packaged_or_skip("base")
     directory = tmp_path_factory.mktemp("ct2-base")
@@ -98,7 +98,7 @@ def _encode(memo: dict, loaded: models.LoadedModel, ct2_model, clip: str):
     return memo[key]
 
 
-def _hf_greedy(loaded: models.LoadedModel, encoded: "torch.Tensor", prompt: list[int], timestamps: bool) -> list[int]:
+def _hf_greedy(loaded: models.LoadedModel, encoded: torch.Tensor, prompt: list[int], timestamps: bool) -> list[int]:
     """Greedy decoding with the transformers model and HF's Whisper logits processors.
 
     ``encoded``: encoder output ``[1, 1500, d_model]``. Returns generated ids without prompt and
@@ -139,7 +139,7 @@ def _hf_greedy(loaded: models.LoadedModel, encoded: "torch.Tensor", prompt: list
     return generated[:-1] if generated and generated[-1] == loaded.eot else generated
 
 
-def _ct2_greedy(model: "ctranslate2.models.Whisper", encoded, prompt: list[int]) -> list[int]:
+def _ct2_greedy(model: ctranslate2.models.Whisper, encoded, prompt: list[int]) -> list[int]:
     """CTranslate2 greedy ids (no prompt, no EOT) from its encoder output or from features."""
     if isinstance(encoded, np.ndarray):
         encoded = ctranslate2.StorageView.from_array(encoded)

@@ -10,7 +10,7 @@ import torch
 
 from batch_job.decoding import ApplyTimestampRules, DecodeState, DecodingOptions, DecodingResult, SpecialTokens
 from batch_job.segment import Packed
-from batch_job.transcribe import Guards, Transcriber, _Task, _FileState
+from batch_job.transcribe import Guards, Transcriber, _FileState, _Task
 from tests.conftest import load_clip, reference_text
 
 CLIPS = ["jfk.flac", "librispeech_61-70968-0000.flac", "ljspeech_LJ001-0002.flac", "mfa_cold_corpus.wav"]

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from conftest import shared_clip
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from batch_job.audio import SAMPLE_RATE, load_audio
 from batch_job.segment import Window, frame_energy_db, speech_ratio, split_at_pauses
-from conftest import shared_clip
 
 SR = SAMPLE_RATE
 LONG_SILENCE_S = 5.0

@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-
 from test_submitter_support import (  # noqa: F401 - fixtures
     BUCKET,
     JOB_DEF,
@@ -252,8 +251,10 @@ def test_direct_invocation_failure_raises_for_async_retry(app, recording):
 
 
 def test_eventbridge_failure_raises(app, recording):
+    from botocore.exceptions import ClientError
+
     recording.fail_next = 1
-    with pytest.raises(Exception):
+    with pytest.raises(ClientError):
         app.handler(eventbridge_event("uploads/eb.wav"), LambdaContext())
     assert app.handler(eventbridge_event("uploads/eb.wav"), LambdaContext())["submitted"] == 1
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
+from test_submitter_support import ENV
 
 from submitter import rules
 from submitter.jobs import ObjectRef, job_name, normalize_etag, submit_job_request
 from submitter.settings import SettingsError, SubmitterSettings
-from test_submitter_support import ENV
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
@@ -25,7 +26,7 @@ def test_settings_from_env():
     assert s.job_queue == "whisper-batch-jobs" and s.long_job_min_bytes == 50 * 1024 * 1024
     assert s.input_prefix == "uploads/" and s.output_prefix == "transcripts/"
     assert s.idempotency_expires_seconds == 7 * 24 * 3600
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.job_queue = "other"  # frozen
 
 

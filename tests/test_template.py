@@ -106,9 +106,9 @@ def sub_text(value) -> str:
             sub = value["Fn::Sub"]
             return sub if isinstance(sub, str) else sub[0]
         if "Ref" in value:
-            return "${%s}" % value["Ref"]
+            return f"${{{value['Ref']}}}"
         if "Fn::GetAtt" in value:
-            return "${%s}" % ".".join(value["Fn::GetAtt"])
+            return f"${{{'.'.join(value['Fn::GetAtt'])}}}"
     return json.dumps(value, sort_keys=True)
 
 

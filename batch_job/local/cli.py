@@ -65,7 +65,7 @@ class LambdaContext:
 class _SubmitterLog(logging.Handler):
     """Turns the handler's own log records ("object skipped", "job submitted") into progress lines."""
 
-    def __init__(self, mode: "LocalMode") -> None:
+    def __init__(self, mode: LocalMode) -> None:
         super().__init__(level=logging.INFO)
         self.mode = mode
 
@@ -151,7 +151,7 @@ class LocalMode:
         ])
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> "LocalMode":
+    def start(self) -> LocalMode:
         from batch_job.local.dynamo import DynamoServer
         from batch_job.local.executor import LocalBatch, default_job_definitions
         from batch_job.local.s3server import S3Server
@@ -203,7 +203,7 @@ class LocalMode:
         self._release_lock()
         return kept
 
-    def __enter__(self) -> "LocalMode":
+    def __enter__(self) -> LocalMode:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

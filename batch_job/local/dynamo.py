@@ -86,7 +86,7 @@ class DynamoServer:
                     raise ServerError(f"cannot create the idempotency table on moto_server: {exc}") from exc
                 time.sleep(0.2)
 
-    def start(self, timeout: float = 30.0) -> "DynamoServer":
+    def start(self, timeout: float = 30.0) -> DynamoServer:
         self.launch()
         self.wait_ready(timeout)
         return self

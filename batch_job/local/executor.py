@@ -34,9 +34,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from batch_job import exit_codes
 from batch_job.local import die_with_parent, state_dir

@@ -148,7 +148,7 @@ class S3Server:
         assert self.process is not None
         self.process.wait_listening(self.port, timeout, "rclone serve s3")
 
-    def start(self, timeout: float = 20.0) -> "S3Server":
+    def start(self, timeout: float = 20.0) -> S3Server:
         """Start and wait; with a picked port, retry on another one if that one was taken meanwhile."""
         attempts = 1 if self.requested_port else 3
         for attempt in range(attempts):

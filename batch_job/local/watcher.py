@@ -26,9 +26,10 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote_plus
 
 from batch_job.local import REGION
@@ -207,7 +208,7 @@ class Watcher:
         return delivered
 
     # ---------------------------------------------------------------- thread
-    def start(self) -> "Watcher":
+    def start(self) -> Watcher:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="local-watcher", daemon=True)
         self._thread.start()

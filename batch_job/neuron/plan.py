@@ -19,9 +19,10 @@ scratchpad is known only after neuronx-cc); the rest is exact arithmetic on shap
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from batch_job.errors import ModelError
 
@@ -69,7 +70,7 @@ class WhisperDims:
         return self.d_model // self.decoder_attention_heads
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "WhisperDims":
+    def from_config(cls, config: Mapping[str, Any]) -> WhisperDims:
         """From a config.json mapping (extra keys ignored); a missing field is a :class:`ModelError`."""
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in config]

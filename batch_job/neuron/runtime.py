@@ -24,9 +24,10 @@ import glob
 import importlib.util
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from batch_job.errors import DeviceError, ModelError
 
