@@ -20,7 +20,8 @@ SCRIPT = REPO / "buildArch.sh"
 BASH = shutil.which("bash") or "/bin/bash"
 
 FAKE_AWS = r"""#!/usr/bin/env bash
-{ printf 'aws'; printf '\t%s' "$@"; printf '\n'; } >> "$FAKE_LOG"
+line=aws; for a in "$@"; do line+=$'\t'"$a"; done
+printf '%s\n' "$line" >> "$FAKE_LOG"  # one write: fakes in a pipeline run at once
 args="$*"
 case "$1 $2" in
   "sts get-caller-identity") echo 111122223333 ;;
@@ -45,7 +46,8 @@ exit 0
 """
 
 FAKE_DOCKER = r"""#!/usr/bin/env bash
-{ printf 'docker'; printf '\t%s' "$@"; printf '\n'; } >> "$FAKE_LOG"
+line=docker; for a in "$@"; do line+=$'\t'"$a"; done
+printf '%s\n' "$line" >> "$FAKE_LOG"  # one write: fakes in a pipeline run at once
 if [[ "$1" == login ]]; then cat > /dev/null; fi
 exit 0
 """
