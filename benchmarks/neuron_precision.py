@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     from batch_job.inference import CacheShape, StatefulInference
     from batch_job.models import load_model
     from batch_job.neuron.compile import build_graphs, trace_jit
+    from batch_job.neuron.runtime import step_states
     from batch_job.settings import Settings
 
     torch.set_num_threads(args.threads)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     for dtype in ("float32", "bfloat16"):
         graphs = build_graphs(loaded, B, engine.cache_len, dtype)
         encoder, step = trace_jit(graphs)
-        states = [dict(step.states.named_parameters())[str(j)] for j in range(4 * dims.layers)]
+        states = step_states(step, 4 * dims.layers)
         inference = StatefulInference(encoder, step, states, CacheShape(dims.layers, B, dims.heads, engine.cache_len,
                                       dims.head_dim), dtype=getattr(torch, dtype), emulate_aliases=True)
         out, t0 = [], time.perf_counter()

@@ -41,7 +41,7 @@ from batch_job.neuron.compile import (  # noqa: E402
     parse_sizes,
     trace_jit,
 )
-from batch_job.neuron.runtime import configure_one_core, load_bundle  # noqa: E402
+from batch_job.neuron.runtime import configure_one_core, load_bundle, step_states  # noqa: E402
 
 CLIPS = ("jfk.flac", "librispeech_61-70968-0000.flac", "ljspeech_LJ001-0001.flac", "pocketsphinx_goforward.wav")
 MAX_TOKENS = 96  # plenty for these clips (<= 30 tokens each); keeps the cache small
@@ -116,7 +116,7 @@ def _emulated(graphs, eager, batch: int) -> StatefulInference:
     encoder, step = trace_jit(graphs)
     dims = eager.dims
     shape = CacheShape(dims.layers, batch, dims.heads, eager.cache_len, dims.head_dim)
-    states = [dict(step.states.named_parameters())[str(j)] for j in range(4 * dims.layers)]
+    states = step_states(step, 4 * dims.layers)
     return StatefulInference(encoder, step, states, shape, dtype=getattr(torch, graphs.dtype), emulate_aliases=True)
 
 
@@ -210,7 +210,7 @@ def test_traced_graphs_take_tokens_and_position_only_and_hold_no_inf(loaded, eag
         infinite = [line for line in str(graph.inlined_graph).splitlines() if re.search(r"(?<![\w.])-?inf(?![\w])", line)]
         assert infinite == []
     assert f"value={MASKED!r}" in str(step.inlined_graph) and MASKED == torch.finfo(torch.float32).min  # the finite mask
-    states = [dict(step.states.named_parameters())[str(j)] for j in range(4 * eager.dims.layers)]
+    states = step_states(step, 4 * eager.dims.layers)
     assert {s.dtype for s in states} == {getattr(torch, dtype)}
 
 

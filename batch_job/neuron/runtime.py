@@ -151,7 +151,7 @@ def load_bundle(settings: Any, *, batch_sizes: Sequence[int] | None = None) -> A
         entry: Mapping[str, Any] = manifest["graphs"][str(b)]
         encoder = _load_graph(root / entry["encoder"]["file"], move)
         step = _load_graph(root / entry["step"]["file"], move)
-        states = tuple(_states(step, 4 * dims.layers, root / entry["step"]["file"]))
+        states = tuple(step_states(step, 4 * dims.layers, root / entry["step"]["file"]))
         graphs[b] = StatefulGraphs(encoder, step, states, torch_dtype, emulate_aliases=backend != "neuron")
     log.info("loaded %s graphs (%s) for batch sizes %s from %s", backend, dtype, sizes, root)
     model = manifest["model"]
@@ -180,8 +180,8 @@ def _load_graph(path: Path, move: Callable | None) -> Any:
         raise DeviceError(f"the Neuron runtime could not load {path.name} onto a NeuronCore: {exc}") from exc
 
 
-def _states(step: Any, expected: int, path: Path) -> list:
-    """The compiled step's state tensors in order (``step.states.0`` ... as traced)."""
+def step_states(step: Any, expected: int, path: Path | str = "the step graph") -> list:
+    """A traced step's ``expected`` state tensors in order (``step.states.0`` ...), jit or Neuron alike."""
     try:
         params = dict(step.states.named_parameters())
         states = [params[str(j)] for j in range(expected)]
