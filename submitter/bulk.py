@@ -1,26 +1,24 @@
 """``whisper-batch submit s3://BUCKET/PREFIX/``: backfill objects that already exist.
 
 Lists the prefix (paginated), applies the same skip rules as the Lambda handler
-(:mod:`submitter.rules`) and the same idempotency records (:mod:`submitter.jobs`), and prints
-one line per object (``submitted`` / ``duplicate`` / ``skipped`` / ``failed`` / ``queued``) and
-a summary.
+(:mod:`submitter.rules`), the same idempotency records and the same packs
+(:mod:`submitter.jobs`, :mod:`submitter.packs`), and prints one line per object
+(``submitted`` / ``queued`` / ``duplicate`` / ``skipped`` / ``failed`` / ``would``), one line per
+pack or array job, and a summary.
 
-* Up to ``--array-threshold`` (default 1,000) submittable objects: one job per object, exactly
-  as the handler submits them.
-* More: the objects are written to manifests (JSON Lines) under
-  ``s3://BUCKET/<OUTPUT_PREFIX>_manifests/`` and submitted as array jobs, one per manifest
-  (at most 10,000 elements each; standard and long-timeout objects in separate manifests).
-  Each object's idempotency record is claimed before the array job is submitted and completed
-  with the element's job id after, so the handler (or a re-run) will not submit it again.
+* Up to ``--array-threshold`` (default 1,000) submittable objects: one job per pack, exactly as
+  the handler submits them.
+* More: the packs become the elements of array jobs (at most 10,000 elements each; standard and
+  long-timeout packs in separate arrays; a lone pack left over is a plain job). One manifest per
+  array, whose lines carry ``index`` = the element (pack) they belong to. Each object's
+  idempotency record is claimed before the array job is submitted and completed with its
+  element's job id (``<array job id>:<index>``) after, so the handler (or a re-run) will not
+  submit it again; a failed submit releases the claims.
 
-Manifest contract (the worker resolves its element; see docs/submitter.md):
-    line ``i`` (0-based) = ``AWS_BATCH_JOB_ARRAY_INDEX`` ``i``; each line is a JSON object
-    ``{"index": i, "input": "s3://BUCKET/KEY", "output": "s3://BUCKET/<OUTPUT_PREFIX>",
-    "etag": "...", "size": N}``. The array job gets the usual parameters, with ``input``
-    pointing at the manifest (``.jsonl`` under ``_manifests/``) and ``output`` as usual.
+The manifest contract is the handler's (:mod:`submitter.manifest`, docs/submitter.md).
 
 Settings come from the same environment variables as the handler; every one can be given as
-a flag (``--job-queue`` ... ``--idempotency-table``). Heavy imports stay inside functions.
+a flag (``--job-queue`` ... ``--pack-parallelism``). Heavy imports stay inside functions.
 """
 
 from __future__ import annotations
@@ -32,19 +30,17 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # pragma: no cover
-    from submitter.jobs import Clients, ObjectRef
+    from submitter.jobs import Clients, ObjectRef, Outcome
+    from submitter.packs import Pack
     from submitter.settings import SubmitterSettings
 
 #: More submittable objects than this -> array job(s) over a manifest.
 DEFAULT_ARRAY_THRESHOLD = 1000
 #: AWS Batch's limit on arrayProperties.size (and its minimum is 2).
 MAX_ARRAY_SIZE = 10_000
-MANIFEST_DIR = "_manifests/"
 #: sysexits EX_CONFIG, as in batch_job/exit_codes.py (not imported: keeps the submitter standalone).
 EXIT_CONFIG = 78
 EXIT_FAILED = 1
-#: How long an in-progress claim of one individually submitted object blocks others.
-IN_PROGRESS_HOLD_MS = 5 * 60 * 1000
 
 _FLAGS = (
     ("--job-queue", "job_queue", "JOB_QUEUE"),
@@ -55,6 +51,10 @@ _FLAGS = (
     ("--input-prefix", "input_prefix", "INPUT_PREFIX"),
     ("--output-prefix", "output_prefix", "OUTPUT_PREFIX"),
     ("--idempotency-table", "idempotency_table", "IDEMPOTENCY_TABLE"),
+    ("--pack-max-objects", "pack_max_objects", "PACK_MAX_OBJECTS"),
+    ("--pack-max-bytes", "pack_max_bytes", "PACK_MAX_BYTES"),
+    ("--pack-max-audio-seconds", "pack_max_audio_seconds", "PACK_MAX_AUDIO_SECONDS"),
+    ("--pack-parallelism", "pack_parallelism", "PACK_PARALLELISM"),
 )
 
 
@@ -63,12 +63,12 @@ def register(subparsers: Any) -> None:
         "submit",
         help="submit Batch jobs for audio already in S3 (backfill)",
         description="Backfill: list s3://BUCKET/PREFIX/, apply the submitter's skip rules and "
-                    "idempotency, and submit one Batch job per object (array jobs over a manifest "
+                    "idempotency, and submit one Batch job per pack of objects (array jobs of packs "
                     "for large listings). Settings default to the submitter's environment variables.",
     )
     p.add_argument("uri", metavar="s3://BUCKET/PREFIX/", help="bucket and prefix to list")
     p.add_argument("--array-threshold", type=int, default=DEFAULT_ARRAY_THRESHOLD,
-                   help="above this many objects, submit array jobs over a manifest (default %(default)s)")
+                   help="above this many objects, submit array jobs whose elements are packs (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="list and apply the rules, submit nothing")
     for flag, dest, env in _FLAGS:
         p.add_argument(flag, dest=dest, default=None, help=f"default: ${env}")
@@ -101,16 +101,17 @@ def run(args: argparse.Namespace, *, clients: Clients | None = None, out: TextIO
 
 
 class BulkSubmit:
+    """One backfill run: lists, filters, packs, submits and prints (see the module docstring)."""
+
     def __init__(self, settings: SubmitterSettings, clients: Clients | None = None, *,
                  out: TextIO | None = None) -> None:
         from submitter.jobs import Clients, Submitter
 
         self.settings = settings
         self.clients = clients or Clients.create()
+        # No Lambda context: claims hold for jobs.DEFAULT_CLAIM_HOLD_SECONDS (a crashed run
+        # blocks its objects that long at most).
         self.submitter: Submitter = Submitter(settings, self.clients, source="bulk")
-        # An in-progress record left by a crashed run must not block the objects for the whole
-        # idempotency window: let it expire after a few minutes, as a Lambda invocation's would.
-        self.submitter.register_lambda_context(_FixedDeadline(IN_PROGRESS_HOLD_MS))
         self.out = out or sys.stdout
         self.counts: Counter = Counter()
         self.skip_reasons: Counter = Counter()
@@ -152,116 +153,94 @@ class BulkSubmit:
             dry_run: bool = False) -> int:
         todo = self.candidates(bucket, prefix)
         if dry_run:
-            for obj in todo:
-                self.say("would", obj.uri, f"definition={_definition(obj, self.settings)}")
-            self.counts["would_submit"] = len(todo)
+            self.dry_run(todo)
         elif len(todo) > array_threshold:
-            self.submit_arrays(bucket, todo)
+            self.submit_arrays(todo)
         else:
-            for obj in todo:
-                self.submit_one(obj)
+            self.report_jobs(self.submitter.submit_packs(todo))
         self.summary()
         return EXIT_FAILED if self.counts["failed"] else 0
 
-    def submit_one(self, obj: ObjectRef) -> None:
-        from submitter import rules
+    def dry_run(self, todo: list[ObjectRef]) -> None:
+        """Print the packs the objects would form; claim and submit nothing."""
+        from submitter.packs import make_packs
 
-        try:
-            outcome = self.submitter.submit(obj)
-        except Exception as exc:  # noqa: BLE001 - reported per object, the run goes on
-            self.counts["failed"] += 1
-            self.say("failed", obj.uri, f"error={exc!r}")
-            return
-        if outcome.status == "duplicate":
-            self.counts["duplicate"] += 1
-            self.skip_reasons[rules.DUPLICATE] += 1
-            self.say("duplicate", obj.uri, f"already submitted as job {outcome.job_name} ({outcome.job_id})")
-        else:
-            self.counts["submitted"] += 1
-            self.jobs += 1
-            self.say("submitted", obj.uri,
-                     f"job={outcome.job_name} id={outcome.job_id} definition={outcome.job_definition}")
+        packs = make_packs(todo, self.settings)
+        for number, pack in enumerate(packs):
+            for obj in pack.objects:
+                self.say("would", obj.uri, f"definition={pack.job_definition} pack={number}")
+        self.counts["would_submit"] = len(todo)
+        self.jobs = len(packs)
 
-    def submit_arrays(self, bucket: str, todo: list[ObjectRef]) -> None:
-        """Claim each object's idempotency record, then one array job per manifest chunk."""
-        from submitter import rules
+    def submit_arrays(self, todo: list[ObjectRef]) -> None:
+        """Claim every object, pack the claimed ones, then one array job per (definition, up to
+        10,000 packs); a lone pack is a plain job."""
+        from submitter.packs import make_packs
 
         claimed: list[ObjectRef] = []
         for obj in todo:
-            try:
-                held = self.submitter.claim(obj)
-            except Exception as exc:  # noqa: BLE001
-                self.counts["failed"] += 1
-                self.say("failed", obj.uri, f"error={exc!r}")
-                continue
-            if held is None:
+            outcome = self.submitter.try_claim(obj)
+            if outcome is None:
                 claimed.append(obj)
             else:
-                self.counts["duplicate"] += 1
-                self.skip_reasons[rules.DUPLICATE] += 1
-                job = held.get("jobId") or held.get("status", "in progress")
-                self.say("duplicate", obj.uri, f"already submitted ({job})")
-
-        groups: dict[str, list[ObjectRef]] = {}
-        for obj in claimed:
-            groups.setdefault(_definition(obj, self.settings), []).append(obj)
-        for definition, objs in groups.items():
-            for start in range(0, len(objs), MAX_ARRAY_SIZE):
-                chunk = objs[start:start + MAX_ARRAY_SIZE]
+                self.report(outcome)
+        groups: dict[tuple[str, str], list[Pack]] = {}
+        for pack in make_packs(claimed, self.settings):
+            groups.setdefault((pack.bucket, pack.job_definition), []).append(pack)
+        for packs in groups.values():
+            for start in range(0, len(packs), MAX_ARRAY_SIZE):
+                chunk = packs[start:start + MAX_ARRAY_SIZE]
                 if len(chunk) == 1:  # Batch arrays have at least 2 elements
-                    self.submitter.release(chunk[0], RuntimeError("submitted individually"))
-                    self.submit_one(chunk[0])
+                    self.report_jobs(self.submitter.submit_pack(chunk[0]))
                 else:
-                    self.submit_array(bucket, definition, chunk)
+                    self.report_array(chunk, self.submitter.submit_array(chunk))
 
-    def submit_array(self, bucket: str, definition: str, chunk: list[ObjectRef]) -> None:
-        import json
-        import time
+    # -- output ------------------------------------------------------------------------------------
+    def report(self, outcome: Outcome) -> None:
+        """One object's line (and its counts)."""
+        from submitter import rules
 
-        from submitter.jobs import JOB_TAGS, output_uri, readable_slug, short_hash
-
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        digest = short_hash(bucket, definition, *(f"{o.key}\x00{o.etag}" for o in chunk), chars=10)
-        name = f"{stamp}-{digest}"
-        manifest_key = f"{self.settings.output_prefix}{MANIFEST_DIR}{name}.jsonl"
-        output = output_uri(bucket, self.settings)
-        lines = [
-            json.dumps({"index": i, "input": o.uri, "output": output, "etag": o.etag, "size": o.size},
-                       ensure_ascii=False, separators=(",", ":"))
-            for i, o in enumerate(chunk)
-        ]
-        try:
-            self.clients.s3.put_object(
-                Bucket=bucket, Key=manifest_key, Body=("\n".join(lines) + "\n").encode("utf-8"),
-                ContentType="application/x-ndjson",
-                Metadata={"count": str(len(chunk)), "job-definition": definition},
-            )
-            response = self.clients.batch.submit_job(
-                jobName=f"bulk-{readable_slug(name, 100)}",
-                jobQueue=self.settings.job_queue,
-                jobDefinition=definition,
-                arrayProperties={"size": len(chunk)},
-                parameters={"input": f"s3://{bucket}/{manifest_key}", "output": output},
-                tags={**JOB_TAGS, "source": "bulk"},
-                propagateTags=True,
-            )
-        except Exception as exc:  # noqa: BLE001 - give the claims back so a re-run can take them
-            for obj in chunk:
-                self.submitter.release(obj, exc)
-                self.counts["failed"] += 1
-                self.say("failed", obj.uri, f"error={exc!r}")
-            return
-        array_id = response["jobId"]
-        job_name = response.get("jobName", f"bulk-{name}")
-        self.jobs += 1
-        for i, obj in enumerate(chunk):
-            self.submitter.complete(obj, {"jobId": f"{array_id}:{i}", "jobName": job_name,
-                                          "jobDefinition": definition, "arrayJobId": array_id,
-                                          "manifest": f"s3://{bucket}/{manifest_key}"})
+        uri = outcome.obj.uri
+        if outcome.status == "duplicate":
+            self.counts["duplicate"] += 1
+            self.skip_reasons[rules.DUPLICATE] += 1
+            self.say("duplicate", uri, f"already submitted as job {outcome.job_name} ({outcome.job_id})")
+        elif outcome.status == "failed":
+            self.counts["failed"] += 1
+            self.say("failed", uri, f"error={outcome.error}")
+        elif outcome.job_id and ":" in outcome.job_id:  # an array element
             self.counts["submitted"] += 1
-            self.say("queued", obj.uri, f"array={job_name}[{i}] id={array_id}:{i}")
-        print(f"array job {job_name} ({array_id}): {len(chunk)} objects, definition={definition}, "
-              f"manifest=s3://{bucket}/{manifest_key}", file=self.out)
+            index = outcome.job_id.rsplit(":", 1)[1]
+            self.say("queued", uri, f"array={outcome.job_name}[{index}] id={outcome.job_id}")
+        else:
+            self.counts["submitted"] += 1
+            pack = f" manifest={outcome.manifest}" if outcome.manifest else ""
+            self.say("submitted", uri, f"job={outcome.job_name} id={outcome.job_id} "
+                                       f"definition={outcome.job_definition}{pack}")
+
+    def report_jobs(self, outcomes: list[Outcome]) -> None:
+        """The objects' lines, then one line per pack job of two or more objects."""
+        packs: dict[str, list[Outcome]] = {}
+        for outcome in outcomes:
+            self.report(outcome)
+            if outcome.status == "submitted":
+                packs.setdefault(str(outcome.job_id), []).append(outcome)
+        self.jobs += len(packs)
+        for job_id, members in packs.items():
+            if members[0].manifest:
+                print(f"pack job {members[0].job_name} ({job_id}): {len(members)} objects, "
+                      f"definition={members[0].job_definition}, manifest={members[0].manifest}", file=self.out)
+
+    def report_array(self, packs: list[Pack], outcomes: list[Outcome]) -> None:
+        """The objects' lines, then the array job's line (when it was submitted)."""
+        for outcome in outcomes:
+            self.report(outcome)
+        done = outcomes[0]
+        if done.status == "submitted":
+            self.jobs += 1
+            array_id = str(done.job_id).rsplit(":", 1)[0]
+            print(f"array job {done.job_name} ({array_id}): {len(packs)} packs, {len(outcomes)} objects, "
+                  f"definition={done.job_definition}, manifest={done.manifest}", file=self.out)
 
     def summary(self) -> None:
         c = self.counts
@@ -270,19 +249,3 @@ class BulkSubmit:
         n_sub = c["would_submit"] if "would_submit" in c else c["submitted"]
         print(f"summary: {c['listed']} listed, {n_sub} {verb} in {self.jobs} job(s), "
               f"{c['skipped'] + c['duplicate']} skipped ({reasons}), {c['failed']} failed", file=self.out)
-
-
-class _FixedDeadline:
-    """Stands in for the Lambda context: powertools asks it for the remaining time."""
-
-    def __init__(self, millis: int) -> None:
-        self.millis = millis
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.millis
-
-
-def _definition(obj: ObjectRef, settings: SubmitterSettings) -> str:
-    from submitter.jobs import job_definition_for
-
-    return job_definition_for(obj.size, settings)

@@ -15,6 +15,15 @@ that names everything to fix (instead of failing on the first object, one variab
 | ``OUTPUT_PREFIX``     | yes      | where the worker writes; never submitted (no trigger loops)    |
 | ``IDEMPOTENCY_TABLE`` | yes      | DynamoDB table of the powertools idempotency layer (pk ``id``) |
 | ``IDEMPOTENCY_EXPIRES_SECONDS`` | no (7 days) | how long a bucket/key/ETag stays "already submitted" |
+| ``PACK_MAX_OBJECTS``  | no (50)  | objects per pack job; 1 = one job per object                  |
+| ``PACK_MAX_BYTES``    | no (512 MiB) | bytes per pack job                                         |
+| ``PACK_MAX_AUDIO_SECONDS`` | no (7200) | estimated audio seconds per pack job (:mod:`submitter.packs`) |
+| ``PACK_PARALLELISM``  | no (1)   | an invocation's objects go to at least min(this, n) packs      |
+
+The pack bounds keep one pack's job well inside its attempt timeout; objects that do not fit
+(``LONG_JOB_MIN_BYTES`` or more, or more estimated audio than ``PACK_MAX_AUDIO_SECONDS``) get a
+job of their own. ``PACK_PARALLELISM`` is the number of job slots a burst should spread over
+(the stack: the two NeuronCores of one inf2.xlarge; local mode: its worker count).
 
 This module has no third-party imports (the bulk CLI and tests use it without powertools).
 """
@@ -29,6 +38,12 @@ from typing import Any
 #: Default lifetime of an idempotency record: a re-upload of identical bytes to the same key
 #: within this window does not start a second job.
 DEFAULT_IDEMPOTENCY_EXPIRES_SECONDS = 7 * 24 * 3600
+#: Pack bounds (issue #11). 50 short files amortise one job start over enough work; 512 MiB and
+#: 2 h of (over-)estimated audio keep a pack's job far inside the 1 h standard attempt timeout.
+DEFAULT_PACK_MAX_OBJECTS = 50
+DEFAULT_PACK_MAX_BYTES = 512 * 1024 * 1024
+DEFAULT_PACK_MAX_AUDIO_SECONDS = 7200
+DEFAULT_PACK_PARALLELISM = 1
 
 
 class SettingsError(ValueError):
@@ -55,6 +70,10 @@ class SubmitterSettings:
     output_prefix: str
     idempotency_table: str
     idempotency_expires_seconds: int = DEFAULT_IDEMPOTENCY_EXPIRES_SECONDS
+    pack_max_objects: int = DEFAULT_PACK_MAX_OBJECTS
+    pack_max_bytes: int = DEFAULT_PACK_MAX_BYTES
+    pack_max_audio_seconds: int = DEFAULT_PACK_MAX_AUDIO_SECONDS
+    pack_parallelism: int = DEFAULT_PACK_PARALLELISM
 
     #: env var -> (field, kind, required)
     _ENV = (
@@ -67,6 +86,10 @@ class SubmitterSettings:
         ("OUTPUT_PREFIX", "output_prefix", "prefix", True),
         ("IDEMPOTENCY_TABLE", "idempotency_table", "str", True),
         ("IDEMPOTENCY_EXPIRES_SECONDS", "idempotency_expires_seconds", "int", False),
+        ("PACK_MAX_OBJECTS", "pack_max_objects", "int", False),
+        ("PACK_MAX_BYTES", "pack_max_bytes", "int", False),
+        ("PACK_MAX_AUDIO_SECONDS", "pack_max_audio_seconds", "int", False),
+        ("PACK_PARALLELISM", "pack_parallelism", "int", False),
     )
 
     @classmethod

@@ -17,6 +17,7 @@ from test_submitter_support import (  # noqa: F401 - fixtures
     aws,
     eventbridge_event,
     logs,
+    pack_settings,
     put,
     recording,
     s3_notification,
@@ -103,7 +104,8 @@ def test_eventbridge_inside_sqs_and_mixed_batch(app, recording):
         s3_test_event(),
     )
     assert app.handler(event, LambdaContext()) == {"batchItemFailures": []}
-    assert sorted(recording.inputs) == [f"s3://{BUCKET}/uploads/eb+plus.wav", f"s3://{BUCKET}/uploads/s3 space.wav"]
+    assert len(recording.calls) == 1  # both objects share one pack job
+    assert sorted(recording.objects) == [f"s3://{BUCKET}/uploads/eb+plus.wav", f"s3://{BUCKET}/uploads/s3 space.wav"]
 
 
 def test_missing_size_and_etag_are_read_with_head_object(app, recording, aws):
@@ -128,7 +130,7 @@ def test_s3_test_event_is_acknowledged_and_ignored(app, recording):
 
 def test_object_removed_is_ignored(app, recording):
     result = app.handler(s3_notification(s3_record("uploads/a.wav", event_name="ObjectRemoved:Delete")), LambdaContext())
-    assert result == {"submitted": 0, "duplicates": 0, "skipped": 1, "failed": 0}
+    assert result == {"submitted": 0, "jobs": 0, "duplicates": 0, "skipped": 1, "failed": 0}
     assert recording.calls == []
 
 
@@ -177,7 +179,7 @@ def test_skip_rules_log_and_count(app, recording, capsys, logs, key, size, reaso
 def test_extensions_are_case_insensitive(app, recording):
     app.handler(s3_notification(s3_record("uploads/LOUD.WAV"), s3_record("uploads/Clip.Mp4"),
                                 s3_record("uploads/x.WebM", etag="e2")), LambdaContext())
-    assert len(recording.calls) == 3
+    assert len(recording.objects) == 3
 
 
 def test_big_objects_use_the_long_job_definition(app, recording):
@@ -217,7 +219,8 @@ def test_reupload_of_identical_bytes_is_one_job_new_bytes_another(app, recording
     assert recording.calls[0]["jobName"] != recording.calls[1]["jobName"]
 
 
-def test_submit_failure_is_a_batch_item_failure_and_the_retry_succeeds(app, recording, aws, capsys):
+def test_submit_failure_is_a_batch_item_failure_and_the_retry_succeeds(app, recording, aws, capsys, pack_settings):
+    pack_settings(pack_max_objects=1)  # one job per object: one object's SubmitJob fails alone
     event = sqs_event(*(s3_notification(s3_record(f"uploads/{n}.wav", etag=n)) for n in ("one", "two", "three")))
     recording.fail_keys = {"two.wav"}
 
@@ -238,23 +241,23 @@ def test_submit_failure_is_a_batch_item_failure_and_the_retry_succeeds(app, reco
     assert len(recording.calls) == 3 and recording.inputs[-1] == f"s3://{BUCKET}/uploads/two.wav"
 
 
-def test_direct_invocation_failure_raises_for_async_retry(app, recording):
+def test_direct_invocation_failure_raises_for_async_retry(app, recording, pack_settings):
+    pack_settings(pack_max_objects=1)
     event = s3_notification(s3_record("uploads/good.wav", etag="g"), s3_record("uploads/bad.wav", etag="b"))
     recording.fail_keys = {"bad.wav"}
-    with pytest.raises(Exception, match="TooManyRequests"):
+    with pytest.raises(app.SubmitError, match="1 object.*TooManyRequests"):
         app.handler(event, LambdaContext())
     assert recording.inputs == [f"s3://{BUCKET}/uploads/good.wav"]  # the others were still tried
 
     recording.fail_keys = set()  # Lambda's async retry: the good one is a duplicate now
-    assert app.handler(event, LambdaContext()) == {"submitted": 1, "duplicates": 1, "skipped": 0, "failed": 0}
+    assert app.handler(event, LambdaContext()) == {"submitted": 1, "jobs": 1, "duplicates": 1, "skipped": 0,
+                                                   "failed": 0}
     assert len(recording.calls) == 2
 
 
 def test_eventbridge_failure_raises(app, recording):
-    from botocore.exceptions import ClientError
-
     recording.fail_next = 1
-    with pytest.raises(ClientError):
+    with pytest.raises(app.SubmitError, match="TooManyRequests"):
         app.handler(eventbridge_event("uploads/eb.wav"), LambdaContext())
     assert app.handler(eventbridge_event("uploads/eb.wav"), LambdaContext())["submitted"] == 1
 
@@ -277,8 +280,10 @@ def _lambda_event_from_sqs(messages: list[dict], queue_arn: str) -> dict:
     } for m in messages]}
 
 
-def test_s3_to_sqs_to_handler_with_redrive_to_dlq(app, recording, aws):
-    """moto's own S3 notifications into SQS; a record that keeps failing ends in the DLQ."""
+def test_s3_to_sqs_to_handler_with_redrive_to_dlq(app, recording, aws, pack_settings):
+    """moto's own S3 notifications into SQS; a record that keeps failing ends in the DLQ. One job
+    per object here: a pack's SubmitJob failing fails every record of the pack (the pack tests)."""
+    pack_settings(pack_max_objects=1)
     sqs = aws.client("sqs")
     dlq_url = sqs.create_queue(QueueName="uploads-dlq")["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 
 from test_submitter_support import (  # noqa: F401 - fixtures
     BUCKET,
@@ -17,6 +16,7 @@ from test_submitter_support import (  # noqa: F401 - fixtures
     app,
     aws,
     put,
+    read_manifest,
     s3_notification,
     s3_record,
     sqs_event,
@@ -50,7 +50,13 @@ def batch_jobs(aws) -> list[dict]:
     return batch.describe_jobs(jobs=ids)["jobs"] if ids else []
 
 
-def test_small_listing_submits_one_job_per_object(aws, app):
+def job_objects(aws, job: dict) -> list[str]:
+    """The object URIs a job covers: its input, or the lines of its pack manifest."""
+    uri = job["parameters"]["input"]
+    return [line["input"] for line in read_manifest(aws.client("s3"), uri)] if "/_manifests/" in uri else [uri]
+
+
+def test_small_listing_submits_one_job_per_pack(aws, app):
     for key in ("uploads/a.wav", "uploads/sub dir/b+c.MP3", "uploads/notes.txt", "uploads/folder/",
                 "elsewhere/x.wav", "transcripts/uploads/a.wav.json"):
         put(aws, key, b"" if key.endswith("/") else b"audio")
@@ -76,9 +82,11 @@ def test_small_listing_submits_one_job_per_object(aws, app):
     }
     assert "reason=unsupported_extension" in out and "reason=under_output_prefix" in out
     assert "reason=empty_object" in out and "reason=outside_input_prefix" in out
-    assert lines[-1].startswith("summary: 8 listed, 2 submitted in 2 job(s), 6 skipped (")
+    assert lines[-1].startswith("summary: 8 listed, 2 submitted in 1 job(s), 6 skipped (")
+    (pack_line,) = [line for line in lines if line.startswith("pack job ")]
+    assert ": 2 objects, definition=whisper-batch-job, manifest=s3://audio-bucket/transcripts/_manifests/" in pack_line
     jobs = batch_jobs(aws)
-    assert sorted(j["parameters"]["input"] for j in jobs) == [
+    assert sorted(uri for j in jobs for uri in job_objects(aws, j)) == [
         f"s3://{BUCKET}/uploads/a.wav", f"s3://{BUCKET}/uploads/done.ogg", f"s3://{BUCKET}/uploads/sub dir/b+c.MP3"]
 
     # same idempotency both ways: a re-run and a late notification submit nothing new
@@ -86,10 +94,10 @@ def test_small_listing_submits_one_job_per_object(aws, app):
     assert code == 0 and not any(ln.startswith("submitted") for ln in again.splitlines()) and again.count("duplicate ") == 3
     etag = aws.client("s3").head_object(Bucket=BUCKET, Key="uploads/a.wav")["ETag"].strip('"')
     result = app.handler(s3_notification(s3_record("uploads/a.wav", size=5, etag=etag)), LambdaContext())
-    assert result["duplicates"] == 1 and len(batch_jobs(aws)) == 3
+    assert result["duplicates"] == 1 and len(batch_jobs(aws)) == 2
 
 
-def test_large_listing_becomes_an_array_job_over_a_manifest(aws, app):
+def test_large_listing_becomes_array_jobs_of_packs(aws, app):
     n = 1003
     fast_put({f"uploads/bulk/{i:05d} take.wav": b"x" * 10 for i in range(n)})
     fast_put({"uploads/bulk/long-1.flac": b"y" * 500, "uploads/bulk/long-2.flac": b"z" * 500,
@@ -101,21 +109,27 @@ def test_large_listing_becomes_an_array_job_over_a_manifest(aws, app):
     assert out.count("queued ") == n + 2 and "skipped    s3://audio-bucket/uploads/bulk/readme.md" in out
     assert out.splitlines()[-1].startswith(f"summary: {n + 3} listed, {n + 2} submitted in 2 job(s), 1 skipped")
     parents = [j for j in batch_jobs(aws) if "arrayProperties" in j and "size" in j["arrayProperties"]]
-    assert sorted(j["arrayProperties"]["size"] for j in parents) == [2, n]
+    n_packs = -(-n // 50)  # PACK_MAX_OBJECTS 50 (default): 21 packs of the 1003 small objects
+    # the two long objects go alone: an array of two one-object packs
+    assert sorted(j["arrayProperties"]["size"] for j in parents) == [2, n_packs]
+    assert "array job bulk-" in out and f": {n_packs} packs, {n} objects, definition={JOB_DEF}," in out
     by_def = {(JOB_DEF_LONG if JOB_DEF_LONG in j["jobDefinition"] else JOB_DEF): j for j in parents}
 
     std = by_def[JOB_DEF]
     manifest_uri = std["parameters"]["input"]
     assert std["parameters"]["output"] == f"s3://{BUCKET}/transcripts/"
     assert manifest_uri.startswith(f"s3://{BUCKET}/transcripts/_manifests/") and manifest_uri.endswith(".jsonl")
-    body = aws.client("s3").get_object(Bucket=BUCKET, Key=manifest_uri.split("/", 3)[3])["Body"].read().decode()
-    lines = [json.loads(line) for line in body.splitlines()]
-    assert len(lines) == n and [entry["index"] for entry in lines] == list(range(n))
-    assert lines[7] == {"index": 7, "input": f"s3://{BUCKET}/uploads/bulk/00007 take.wav",
-                        "output": f"s3://{BUCKET}/transcripts/", "etag": lines[7]["etag"], "size": 10}
-    long_manifest = by_def[JOB_DEF_LONG]["parameters"]["input"]
-    long_body = aws.client("s3").get_object(Bucket=BUCKET, Key=long_manifest.split("/", 3)[3])["Body"].read()
-    assert [json.loads(x)["input"].rsplit("/", 1)[-1] for x in long_body.decode().splitlines()] == ["long-1.flac", "long-2.flac"]
+    lines = read_manifest(aws.client("s3"), manifest_uri)
+    assert len(lines) == n and {line["input"] for line in lines} == {
+        f"s3://{BUCKET}/uploads/bulk/{i:05d} take.wav" for i in range(n)}
+    per_element = [sum(1 for line in lines if line["index"] == i) for i in range(n_packs)]
+    assert sorted(per_element) == [47] * 5 + [48] * 16 and sum(per_element) == n  # balanced, <= 50
+    line = next(x for x in lines if x["input"].endswith("/00007 take.wav"))
+    assert line == {"index": line["index"], "input": f"s3://{BUCKET}/uploads/bulk/00007 take.wav",
+                    "output": f"s3://{BUCKET}/transcripts/", "etag": line["etag"], "size": 10}
+    assert f"array={std['jobName']}[{line['index']}] id={std['jobId']}:{line['index']}" in out
+    long_lines = read_manifest(aws.client("s3"), by_def[JOB_DEF_LONG]["parameters"]["input"])
+    assert [(x["index"], x["input"].rsplit("/", 1)[-1]) for x in long_lines] == [(0, "long-1.flac"), (1, "long-2.flac")]
 
     # every element holds a COMPLETED idempotency record: the handler will not submit them again
     head = aws.client("s3").head_object(Bucket=BUCKET, Key="uploads/bulk/00007 take.wav")
@@ -149,12 +163,14 @@ def test_failed_array_submit_releases_the_claims(aws, app):
     from submitter.jobs import Clients
 
     fast_put({f"uploads/f/{i}.wav": b"x" for i in range(5)})
+    flags = ("--array-threshold", "2", "--pack-max-objects", "2")  # 3 packs: one array of 3
     failing = RecordingBatch()
     failing.fail_next = 100
-    code, out = run_bulk(f"s3://{BUCKET}/uploads/f/", "--array-threshold", "2",
-                         clients=Clients.create(batch=failing, session=aws))
-    assert code == 1 and out.count("failed ") == 5
+    code, out = run_bulk(f"s3://{BUCKET}/uploads/f/", *flags, clients=Clients.create(batch=failing, session=aws))
+    assert code == 1 and out.count("failed ") == 5 and "TooManyRequests" in out
     assert aws.client("dynamodb").scan(TableName=TABLE)["Items"] == []  # nothing blocks a re-run
 
-    code, out = run_bulk(f"s3://{BUCKET}/uploads/f/", "--array-threshold", "2")
-    assert code == 0 and out.count("queued ") == 5
+    code, out = run_bulk(f"s3://{BUCKET}/uploads/f/", *flags)
+    assert code == 0 and out.count("queued ") == 5 and ": 3 packs, 5 objects," in out
+    (parent,) = [j for j in batch_jobs(aws) if "size" in j.get("arrayProperties", {})]
+    assert parent["arrayProperties"]["size"] == 3

@@ -109,16 +109,26 @@ def aws(monkeypatch):
 
 
 class RecordingBatch:
-    """Batch stand-in: records SubmitJob calls; ``fail_next`` makes the next N calls raise."""
+    """Batch stand-in: records SubmitJob calls; ``fail_next`` makes the next N calls raise, and
+    ``fail_keys`` every call whose objects include a key ending so. With an ``s3`` client, a
+    pack job's objects are read from its manifest (else a manifest input counts as one object)."""
 
-    def __init__(self) -> None:
+    def __init__(self, s3=None) -> None:
+        self.s3 = s3
         self.calls: list[dict] = []
         self.fail_keys: set[str] = set()
         self.fail_next = 0
 
+    def objects_of(self, request: dict) -> list[str]:
+        """The object URIs a SubmitJob request covers."""
+        uri = request.get("parameters", {}).get("input", "")
+        if self.s3 is None or "/_manifests/" not in uri:
+            return [uri]
+        return [line["input"] for line in read_manifest(self.s3, uri)]
+
     def submit_job(self, **kwargs) -> dict:
-        uri = kwargs.get("parameters", {}).get("input", "")
-        if self.fail_next > 0 or any(uri.endswith(k) for k in self.fail_keys):
+        objects = self.objects_of(kwargs)
+        if self.fail_next > 0 or any(uri.endswith(k) for uri in objects for k in self.fail_keys):
             self.fail_next = max(0, self.fail_next - 1)
             from botocore.exceptions import ClientError
 
@@ -129,7 +139,20 @@ class RecordingBatch:
 
     @property
     def inputs(self) -> list[str]:
+        """The ``input`` parameter of every accepted call (an object, or a pack's manifest)."""
         return [c["parameters"]["input"] for c in self.calls]
+
+    @property
+    def objects(self) -> list[str]:
+        """Every object URI of every accepted call, in submission order."""
+        return [uri for call in self.calls for uri in self.objects_of(call)]
+
+
+def read_manifest(s3, uri: str) -> list[dict]:
+    """The JSON lines of a pack manifest ``s3://BUCKET/KEY``."""
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+    return [json.loads(line) for line in body.splitlines()]
 
 
 @pytest.fixture
@@ -142,6 +165,25 @@ def app(aws):
     app_module.configure(settings=SubmitterSettings.from_env(), clients=Clients.create(session=aws))
     yield app_module
     app_module.set_clients(None)
+    app_module.set_on_outcome(None)
+
+
+@pytest.fixture
+def pack_settings(app):
+    """``pack_settings(pack_max_objects=1, ...)``: the handler's settings with these changes."""
+
+    def apply(**changes) -> None:
+        app.configure(settings=app.SETTINGS.replace(**changes))
+
+    return apply
+
+
+@pytest.fixture
+def outcomes(app):
+    """Every :class:`~submitter.jobs.Outcome` the handler reports (its ``on_outcome`` callback)."""
+    seen: list = []
+    app.set_on_outcome(seen.append)
+    return seen
 
 
 @pytest.fixture
@@ -149,7 +191,7 @@ def recording(app, aws):
     """Like ``app`` but Batch is a :class:`RecordingBatch` (the local-mode seam)."""
     from submitter.jobs import Clients
 
-    stub = RecordingBatch()
+    stub = RecordingBatch(s3=aws.client("s3"))
     app.set_clients(Clients.create(batch=stub, session=aws))
     return stub
 
