@@ -221,7 +221,7 @@ def test_submitter_role_has_only_what_it_needs(resources):
         "sqs:receivemessage", "sqs:deletemessage", "sqs:getqueueattributes", "sqs:changemessagevisibility",
         "batch:submitjob", "batch:tagresource",
         "dynamodb:getitem", "dynamodb:putitem", "dynamodb:updateitem", "dynamodb:deleteitem",
-        "s3:getobject", "s3:getobjectversion", "s3:listbucket",
+        "s3:getobject", "s3:getobjectversion", "s3:listbucket", "s3:putobject",
         "kms:decrypt", "kms:encrypt", "kms:generatedatakey",
         "logs:createlogstream", "logs:putlogevents",
         "xray:puttracesegments", "xray:puttelemetryrecords",
@@ -232,6 +232,9 @@ def test_submitter_role_has_only_what_it_needs(resources):
     assert by_action["sqs:receivemessage"]["Resource"] == {"Fn::GetAtt": ["EventQueue", "Arn"]}
     assert by_action["dynamodb:putitem"]["Resource"] == {"Fn::GetAtt": ["IdempotencyTable", "Arn"]}
     assert sub_text(by_action["s3:getobject"]["Resource"]).endswith("/${InputPrefix}*")
+    # the only thing the submitter writes: pack manifests (submitter/manifest.py), never transcripts
+    assert [sub_text(r) for r in as_list(by_action["s3:putobject"]["Resource"])] == [
+        "arn:${AWS::Partition}:s3:::${DataBucket}/${OutputPrefix}_manifests/*"]
     assert by_action["s3:listbucket"]["Condition"]["StringLike"]["s3:prefix"] == {"Fn::Sub": "${InputPrefix}*"}
     submit = [sub_text(r) for r in as_list(by_action["batch:submitjob"]["Resource"])]
     assert all(":job/" not in r for r in submit)
@@ -317,6 +320,54 @@ def test_s3_to_sqs_to_lambda_wiring(resources):
     assert esm["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert "BatchSize" in esm and "MaximumBatchingWindowInSeconds" in esm
     assert esm["ScalingConfig"]["MaximumConcurrency"] == fn["ReservedConcurrentExecutions"]
+
+
+def test_sqs_batches_are_large_enough_to_fill_packs(tpl, resources):
+    params = tpl["Parameters"]
+    esm = props(resources["SubmitterEventSource"])
+    assert esm["BatchSize"] == {"Ref": "SubmitterBatchSize"}
+    assert esm["MaximumBatchingWindowInSeconds"] == {"Ref": "SubmitterBatchingWindowSeconds"}
+    size, window = params["SubmitterBatchSize"], params["SubmitterBatchingWindowSeconds"]
+    assert size["Default"] >= 50 and size["MaxValue"] <= 10_000  # standard queues: at most 10,000
+    # Lambda rejects a batch size above 10 without a batching window of at least 1 s: the window
+    # parameter cannot go below 1 whatever batch size is chosen.
+    assert window["MinValue"] >= 1 and 1 <= window["Default"] <= window["MaxValue"] <= 300
+    # the Lambda timeout covers a full batch; the queue hides a batch 6 x that long
+    fn = props(resources["SubmitterFunction"])
+    assert fn["Timeout"] >= 120
+    assert props(resources["EventQueue"])["VisibilityTimeout"] == 6 * fn["Timeout"]
+
+
+def test_local_mode_delivers_batches_of_the_stack_default_size(tpl):
+    from batch_job.local.watcher import SQS_BATCH_SIZE
+
+    assert SQS_BATCH_SIZE == tpl["Parameters"]["SubmitterBatchSize"]["Default"]
+
+
+def test_pack_parameters_reach_the_submitter(tpl, resources):
+    from submitter.settings import SubmitterSettings
+
+    params = tpl["Parameters"]
+    env = props(resources["SubmitterFunction"])["Environment"]["Variables"]
+    for var, param in (("PACK_MAX_OBJECTS", "PackMaxObjects"), ("PACK_MAX_AUDIO_SECONDS", "PackMaxAudioSeconds"),
+                       ("PACK_PARALLELISM", "PackParallelism")):
+        assert env[var] == {"Ref": param}
+        assert params[param]["Type"] == "Number" and params[param]["MinValue"] >= 1
+        groups = tpl["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+        assert param in next(g for g in groups if g["Label"]["default"] == "Submitter")["Parameters"]
+    # the stack's defaults are valid submitter settings
+    settings = SubmitterSettings.from_env({
+        "JOB_QUEUE": "q", "JOB_DEFINITION": "d", "JOB_DEFINITION_LONG": "l", "LONG_JOB_MIN_BYTES": "1",
+        "MAX_OBJECT_BYTES": "1", "OUTPUT_PREFIX": "t/", "IDEMPOTENCY_TABLE": "t",
+        **{var: str(params[param]["Default"]) for var, param in (
+            ("PACK_MAX_OBJECTS", "PackMaxObjects"), ("PACK_MAX_AUDIO_SECONDS", "PackMaxAudioSeconds"),
+            ("PACK_PARALLELISM", "PackParallelism"))},
+    })
+    # a burst spreads over the job slots of one inf2.xlarge (two NeuronCores, two jobs)
+    assert settings.pack_parallelism == JOBS_PER_INSTANCE
+    # a full pack (its audio over-estimated) fits the standard attempt at 2x real time; the engine
+    # runs ~19x on 2 CPU cores with tiny.en (docs/benchmarks.md), an estimated 58x+ on inf2
+    assert settings.pack_max_audio_seconds <= 2 * params["StandardJobTimeoutSeconds"]["Default"]
 
 
 def test_queues_table_logs_topic_repo_and_volume_are_encrypted(resources):
@@ -586,7 +637,7 @@ def test_dashboard_and_alarms(resources):
     assert "${" not in rendered, "unresolved ${...} in the dashboard body"
     widgets = json.loads(rendered)["widgets"]  # valid JSON once substituted
     assert len(widgets) >= 5
-    for metric in ("JobsSubmitted", "JobsSucceeded", "JobsFailed", "ApproximateNumberOfMessagesVisible",
+    for metric in ("JobsSubmitted", "ObjectsSubmitted", "JobsSucceeded", "JobsFailed", "ApproximateNumberOfMessagesVisible",
                    "AudioSeconds", "RealTimeFactor", "NeuronCoreUtilization"):
         assert metric in body, metric
     alarms = of_type(resources, "AWS::CloudWatch::Alarm")
