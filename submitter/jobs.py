@@ -50,7 +50,7 @@ JOB_TAGS = {"project": "whisper-batch", "component": "submitter"}
 #: How long a claim holds an object when no Lambda context says how long the caller has left
 #: (the bulk CLI): long enough to claim, write and submit 10,000 objects.
 DEFAULT_CLAIM_HOLD_SECONDS = 3600
-#: Outcome statuses (the contract with local mode, docs/submitter.md "Outcomes").
+#: Outcome statuses (the contract with local mode: docs/submitter.md, "Seam for local mode and tests").
 SUBMITTED, DUPLICATE, SKIPPED, FAILED = "submitted", "duplicate", "skipped", "failed"
 
 _log = logging.getLogger(__name__)
@@ -227,7 +227,6 @@ class Submitter:
         """Claims expire with the invocation (``context.get_remaining_time_in_millis()``), so a
         crash mid-submit never blocks the retry for longer than the invocation could have run."""
         self._deadline = context
-        self.idempotency_config.register_lambda_context(context)
 
     def claim_hold_millis(self) -> int:
         """How long a claim taken now holds its object."""
