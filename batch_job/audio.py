@@ -22,9 +22,11 @@ import logging
 import math
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -51,6 +53,9 @@ BLOCK_SECONDS = 1.0
 RESAMPLE_QUALITY = "HQ"
 """soxr quality for the streaming resampler."""
 
+TRUNCATION_TOLERANCE_SECONDS = 0.1
+"""A file holding less audio than its header promises by more than this is reported truncated."""
+
 #: Extensions that libsndfile cannot read: go straight to ffmpeg.
 FFMPEG_ONLY_SUFFIXES = frozenset(
     {".m4a", ".mp4", ".m4b", ".aac", ".webm", ".mkv", ".mka", ".mov", ".wma", ".amr", ".3gp", ".ac3", ".avi"}
@@ -64,6 +69,22 @@ _DEFAULT_FFMPEG_CAPACITY_S = 600.0
 
 
 # --------------------------------------------------------------------------- public API
+
+
+@dataclass(frozen=True)
+class AudioWarning:
+    """Something wrong with a file that still decoded: ``code`` is stable snake_case."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    """:func:`decode_audio`'s result: ``samples`` (float32, shape ``(n,)``, 16 kHz) and warnings."""
+
+    samples: np.ndarray
+    warnings: tuple[AudioWarning, ...] = ()
 
 
 def load_audio(path: str | os.PathLike[str], *, max_seconds: float | None = None) -> np.ndarray:
@@ -85,6 +106,15 @@ def load_audio(path: str | os.PathLike[str], *, max_seconds: float | None = None
         UnsupportedFormatError: a format we cannot decode (e.g. ``.m4a`` without ffmpeg).
         TooLongError: longer than ``max_seconds`` (from the header before decoding when it has one).
     """
+    return decode_audio(path, max_seconds=max_seconds).samples
+
+
+def decode_audio(path: str | os.PathLike[str], *, max_seconds: float | None = None) -> DecodedAudio:
+    """:func:`load_audio`, also saying what was wrong with a file that still decoded.
+
+    Warnings: ``truncated_audio`` when the file holds less audio than its header promises (a
+    cut-off upload or copy): what is there is decoded and transcribed, and the caller can say so.
+    """
     p = Path(path)
     size = p.stat().st_size  # FileNotFoundError for a missing file is a caller bug, not bad audio
     if size == 0:
@@ -99,7 +129,7 @@ def load_audio(path: str | os.PathLike[str], *, max_seconds: float | None = None
         else:
             with info as snd:
                 return _decode_soundfile(p, snd, max_seconds)
-    return _decode_ffmpeg(p, max_seconds)
+    return DecodedAudio(_decode_ffmpeg(p, max_seconds))
 
 
 def audio_duration(path: str | os.PathLike[str]) -> float | None:
@@ -141,10 +171,13 @@ def _open_soundfile(p: Path) -> sf.SoundFile:
     return snd
 
 
-def _decode_soundfile(p: Path, snd: sf.SoundFile, max_seconds: float | None) -> np.ndarray:
+def _decode_soundfile(p: Path, snd: sf.SoundFile, max_seconds: float | None) -> DecodedAudio:
     """Block-decode an open SoundFile into a preallocated 16 kHz mono buffer."""
     rate = int(snd.samplerate)
     frames = int(snd.frames) if snd.frames and snd.frames > 0 else 0
+    # libsndfile clamps a WAV's length to what the file holds; the header's own promise is
+    # read separately so that a cut-off file can be reported.
+    promised = (_wav_data_frames(p) if snd.format in ("WAV", "WAVEX") else None) or frames
     if frames == 0 and snd.format in ("WAV", "WAVEX", "RF64", "W64", "FLAC", "AIFF"):
         raise EmptyAudioError(f"{p.name}: {snd.format} file has a header but no audio frames")
     _check_too_long(p, frames / rate, max_seconds, from_header=True)
@@ -157,13 +190,15 @@ def _decode_soundfile(p: Path, snd: sf.SoundFile, max_seconds: float | None) -> 
     block = max(1024, int(rate * BLOCK_SECONDS))
     buf = np.empty((block, snd.channels), dtype=np.float32)
     decoded_frames = 0
+    stopped: str | None = None
     while True:
         try:
             got = snd.read(block, dtype="float32", always_2d=True, out=buf)
         except (sf.SoundFileError, RuntimeError) as exc:
             if decoded_frames == 0:
                 raise CorruptAudioError(f"{p.name}: cannot decode {snd.format} audio ({_libsndfile_cause(exc)})") from None
-            log.warning("%s: decoding stopped after %.2f s: %s", p.name, decoded_frames / rate, _libsndfile_cause(exc))
+            stopped = _libsndfile_cause(exc)
+            log.warning("%s: decoding stopped after %.2f s: %s", p.name, decoded_frames / rate, stopped)
             break
         n = len(got)
         if n == 0:
@@ -173,7 +208,37 @@ def _decode_soundfile(p: Path, snd: sf.SoundFile, max_seconds: float | None) -> 
         out.append(resampler.resample_chunk(mono) if resampler is not None else mono)
     if resampler is not None:
         out.append(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
-    return _finish(p, out)
+    samples = _finish(p, out)
+    warnings = ()
+    if stopped is not None or promised - decoded_frames > TRUNCATION_TOLERANCE_SECONDS * rate:
+        why = f" ({stopped})" if stopped else ""
+        warnings = (AudioWarning("truncated_audio", (
+            f"{p.name}: the {snd.format} header promises {promised / rate:.2f} s of audio but the file "
+            f"holds {decoded_frames / rate:.2f} s{why}; transcribed the audio that is there")),)
+    return DecodedAudio(samples, warnings)
+
+
+def _wav_data_frames(p: Path) -> int | None:
+    """Frames a RIFF/WAVE header's ``data`` chunk declares, or ``None`` (no header, streamed size)."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return None
+    if head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+        return None
+    order = "<" if head[:4] == b"RIFF" else ">"
+    pos, block_align = 12, 0
+    while pos + 8 <= len(head):
+        chunk, size = head[pos:pos + 4], struct.unpack(order + "I", head[pos + 4:pos + 8])[0]
+        body = pos + 8
+        if chunk == b"fmt " and body + 14 <= len(head):
+            block_align = struct.unpack(order + "H", head[body + 12:body + 14])[0]
+        elif chunk == b"data":
+            # 0 and 0xFFFFFFFF are what streaming writers put before they know the length.
+            return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+        pos = body + size + (size & 1)
+    return None
 
 
 def _downmix(block: np.ndarray) -> np.ndarray:
