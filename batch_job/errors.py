@@ -95,3 +95,10 @@ class InterruptedJobError(WhisperBatchError):
 
     reason = "interrupted"
     retryable = True
+
+
+class ConfigError(WhisperBatchError):
+    """Bad job parameters or settings (URI, formats, manifest). Permanent: exit code 78."""
+
+    reason = "config_error"
+    retryable = False

@@ -30,11 +30,11 @@ PERMANENT = frozenset({INPUT_ERROR, CONFIG_ERROR})
 
 def for_error(exc: BaseException) -> int:
     """Map an exception to the exit code the job must end with."""
-    from batch_job.errors import AudioError, ModelError
+    from batch_job.errors import AudioError, ConfigError, ModelError
 
     if isinstance(exc, AudioError):
         return INPUT_ERROR
-    if isinstance(exc, ModelError):
+    if isinstance(exc, (ModelError, ConfigError)):
         return CONFIG_ERROR
     if isinstance(exc, WhisperBatchError):
         return TRANSIENT if exc.retryable else INPUT_ERROR
