@@ -74,6 +74,28 @@ def job_metrics(settings, *, succeeded: bool, reason: str | None = None,
     return m
 
 
+def pack_metrics(settings, *, figures: Mapping[str, Any],
+                 properties: Mapping[str, Any] | None = None) -> JobMetrics:
+    """One document per pack job (on top of one per object): what the pack did and how fast.
+
+    ``PackObjects`` (objects in the pack), ``PackAudioSeconds`` (audio transcribed),
+    ``PackWallSeconds`` (job start to end, model load and S3 included), ``PackThroughput``
+    (audio seconds per wall second) and the pack's one ``ModelLoadSeconds``.
+    """
+    m = JobMetrics(service=settings.metrics_service, namespace=settings.metrics_namespace,
+                   properties=dict(properties or {}))
+    for key, name, unit in (
+        ("objects", "PackObjects", "Count"),
+        ("audio_seconds", "PackAudioSeconds", "Seconds"),
+        ("wall_seconds", "PackWallSeconds", "Seconds"),
+        ("throughput", "PackThroughput", "None"),
+        ("model_load_seconds", "ModelLoadSeconds", "Seconds"),
+    ):
+        if figures.get(key) is not None:
+            m.add(name, figures[key], unit)
+    return m
+
+
 def emf_document(m: JobMetrics) -> dict[str, Any]:
     """The EMF JSON document: one directive per distinct dimension layout."""
     layouts: dict[tuple[tuple[str, ...], ...], list[dict[str, str]]] = {}

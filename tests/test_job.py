@@ -22,7 +22,7 @@ from conftest import shared_clip  # noqa: E402
 
 from batch_job import exit_codes  # noqa: E402
 from batch_job.errors import StorageError  # noqa: E402
-from batch_job.job import ConfigError, JobContext, JsonLog, manifest_entry, run_job  # noqa: E402
+from batch_job.job import ConfigError, JobContext, JsonLog, read_pack, run_job  # noqa: E402
 from batch_job.result import Segment, Transcript  # noqa: E402
 from batch_job.settings import Settings  # noqa: E402
 
@@ -144,6 +144,12 @@ class StandIn:
                 on_window(i + 1, self.windows)
         return Transcript(text=self.text, language=language or "en", duration=duration,
                           segments=(Segment(0.0, min(duration, 1.0), self.text),), model=self.model_name, task=task)
+
+    def transcribe_many(self, inputs, *, language=None, task="transcribe", on_window=None):
+        from batch_job.transcribe import FileResult
+
+        for name, audio in inputs:
+            yield FileResult(name, self.transcribe(audio, language=language, task=task, on_window=on_window), None)
 
 
 def no_model(settings):
@@ -474,26 +480,34 @@ def test_put_metric_data_mode(aws, settings):
     assert {"Service": "svc"} in by_name["JobsFailed"]
 
 
-def test_manifest_entry(aws):
-    """The submitter's manifest lines (submitter/bulk.py), and plain {bucket, key} lines."""
+def test_read_pack(aws):
+    """The submitter's manifest lines (submitter/manifest.py), and plain {bucket, key} lines."""
     lines = [{"index": 0, "input": f"s3://{IN}/a.flac", "output": f"s3://{OUT}/t/", "etag": '"1"', "size": 3},
-             {"index": 1, "input": f"s3://{IN}/dir/b c+d.flac", "output": f"s3://{OUT}/t/", "etag": '"2"', "size": 4}]
+             {"index": 1, "input": f"s3://{IN}/dir/b c+d.flac", "output": f"s3://{OUT}/t/", "etag": '"2"', "size": 4},
+             {"index": 1, "input": f"s3://{IN}/e.flac", "output": f"s3://{OUT}/t/", "etag": '"3"', "size": 5}]
     aws.put_object(Bucket=IN, Key="t/_manifests/m.jsonl", Body="\n".join(json.dumps(x) for x in lines) + "\n")
     uri = f"s3://{IN}/t/_manifests/m.jsonl"
-    assert manifest_entry(aws, uri, 1) == (f"s3://{IN}/dir/b c+d.flac", f"s3://{OUT}/t/")
-    with pytest.raises(ConfigError, match="outside the manifest"):
-        manifest_entry(aws, uri, 2)
+    element = read_pack(aws, uri, 1)
+    assert [(e.input_uri, e.output_uri, e.etag) for e in element] == [
+        (f"s3://{IN}/dir/b c+d.flac", f"s3://{OUT}/t/", '"2"'), (f"s3://{IN}/e.flac", f"s3://{OUT}/t/", '"3"')]
+    assert [e.input_uri for e in read_pack(aws, uri)] == [x["input"] for x in lines]  # no index: all lines
+    with pytest.raises(ConfigError, match="array element 2 lists no object"):
+        read_pack(aws, uri, 2)
     with pytest.raises(ConfigError, match="does not exist"):
-        manifest_entry(aws, f"s3://{IN}/gone.jsonl", 0)
+        read_pack(aws, f"s3://{IN}/gone.jsonl", 0)
     aws.put_object(Bucket=IN, Key="plain.jsonl", Body=json.dumps({"bucket": IN, "key": "k.wav", "etag": "e"}) + "\n")
-    assert manifest_entry(aws, f"s3://{IN}/plain.jsonl", 0) == (f"s3://{IN}/k.wav", None)
+    (plain,) = read_pack(aws, f"s3://{IN}/plain.jsonl", 0)
+    assert (plain.input_uri, plain.output_uri) == (f"s3://{IN}/k.wav", None)
+    aws.put_object(Bucket=IN, Key="broken.jsonl", Body='{"input": "s3://b/k"}\nnot json\n')
+    with pytest.raises(ConfigError, match="line 1 is not JSON"):
+        read_pack(aws, f"s3://{IN}/broken.jsonl")
 
 
 @pytest.fixture
 def cli_env(aws, work_dir, monkeypatch):
-    from batch_job import job
+    from batch_job.job import pack
 
-    monkeypatch.setattr(job, "_default_factory", lambda settings: StandIn())
+    monkeypatch.setattr(pack, "load_transcriber", lambda settings: StandIn())
     monkeypatch.setenv("AWS_BATCH_JOB_ATTEMPT", "3")
     monkeypatch.setenv("WHISPER_BATCH_WORK_DIR", str(work_dir))
     monkeypatch.setenv("WHISPER_BATCH_NEURON_MONITOR", "neuron-monitor-not-installed-here")
@@ -517,7 +531,9 @@ def test_cli_array_job_with_submitter_manifest(aws, cli_env, capsys):
     assert code == 0
     assert out_keys(aws) == [PREFIX + "_manifests/m.jsonl", PREFIX + "x y.flac.json", PREFIX + "x y.flac.txt"]
     out, err = capsys.readouterr()
-    assert json.loads(out.strip().splitlines()[-1])["JobsSucceeded"] == 1  # EMF on stdout
+    docs = [json.loads(line) for line in out.strip().splitlines()]  # EMF on stdout
+    assert [d.get("JobsSucceeded") for d in docs if "Input" in d] == [1]
+    assert docs[-1]["PackObjects"] == 1 and docs[-1]["Manifest"].endswith("/m.jsonl")  # the pack's document
     stages = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert {"manifest", "start", "done"} <= {s["stage"] for s in stages}
     assert all(s.get("attempt") == 3 for s in stages)

@@ -64,7 +64,9 @@ def env(moto_endpoint, tmp_path):
 
 SLOW_JOB = textwrap.dedent("""\
     import sys, time
-    from batch_job import cli, job
+    from batch_job import cli
+    from batch_job.job import pack
+    from batch_job.transcribe import FileResult
 
     class Slow:
         model_name = "slow-stand-in"
@@ -73,8 +75,11 @@ SLOW_JOB = textwrap.dedent("""\
                 time.sleep(0.1)
                 on_window(i + 1, 1200)
             raise AssertionError("SIGTERM did not interrupt the decode")
+        def transcribe_many(self, inputs, *, language=None, task="transcribe", on_window=None):
+            for name, audio in inputs:
+                yield FileResult(name, self.transcribe(audio, on_window=on_window), None)
 
-    job._default_factory = lambda settings: Slow()
+    pack.load_transcriber = lambda settings: Slow()
     sys.exit(cli.main(sys.argv[1:]))
     """)
 
