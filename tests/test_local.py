@@ -245,14 +245,23 @@ class Local:
         raise AssertionError(f"s3://{BUCKET}/{key} did not appear; output:\n{self.output()}")
 
     def jobs(self, input_key: str | None = None) -> list[dict]:
+        """Jobs from the journal; ``keys`` = the input keys a job transcribes (its pack manifest's)."""
         db = sqlite3.connect(f"file:{self.data_dir / '.whisper-batch-local' / 'jobs.sqlite'}?mode=ro", uri=True)
         try:
             rows = db.execute("SELECT id, status, attempts, request FROM jobs ORDER BY seq").fetchall()
         finally:
             db.close()
-        jobs = [{"id": r[0], "status": r[1], "attempts": r[2], "input": json.loads(r[3])["parameters"]["input"]}
-                for r in rows]
-        return [j for j in jobs if input_key is None or j["input"] == f"s3://{BUCKET}/{input_key}"]
+        jobs = []
+        for job_id, status, attempts, request in rows:
+            uri = json.loads(request)["parameters"]["input"]
+            key = uri.removeprefix(f"s3://{BUCKET}/")
+            if key.endswith(".jsonl"):  # a pack: its manifest (read from disk: works while stopped)
+                body = (self.data_dir / BUCKET / key).read_text(encoding="utf-8")
+                keys = [json.loads(line)["input"].removeprefix(f"s3://{BUCKET}/") for line in body.splitlines() if line]
+            else:
+                keys = [key]
+            jobs.append({"id": job_id, "status": status, "attempts": attempts, "input": uri, "keys": keys})
+        return [j for j in jobs if input_key is None or input_key in j["keys"]]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
         if self.proc.poll() is None:
@@ -318,9 +327,13 @@ def test_three_concurrent_uploads(instance):
     assert local.get_json("transcripts/audio/bad.wav.json") is None
     local.wait_line(r"failed\s+audio/bad\.wav\s+corrupt_audio", 30)
     local.wait_line(r"done\s+audio/jfk\.flac", 30)
-    # one job per object; the permanent failure was not retried
-    assert [j["attempts"] for j in local.jobs("audio/bad.wav")] == [1]
-    assert [j["status"] for j in local.jobs("audio/jfk.flac")] == ["SUCCEEDED"]
+    # each object in exactly one job (packed as the submitter saw fit); the permanent failure
+    # was not retried, and the pack holding it reports FAILED (exit 65) while its other files are done
+    for key in files:
+        assert len(local.jobs(key)) == 1, local.jobs()
+    (bad_job,) = local.jobs("audio/bad.wav")
+    assert bad_job["attempts"] == 1 and bad_job["status"] == "FAILED"
+    assert all(j["status"] == "SUCCEEDED" for j in local.jobs() if "audio/bad.wav" not in j["keys"])
 
 
 def test_duplicate_upload_creates_no_second_job(instance):
@@ -344,6 +357,8 @@ def test_file_copied_into_data_folder(instance):
 
 
 def test_stop_and_restart_runs_queued_jobs(instance, data_dir, local_env):
+    """Also: files dropped while local mode is stopped arrive in one delivery at the next start and
+    run as packs spread over the workers, each file reported on its own."""
     instance["local"].stop()
     # one worker: the first upload runs (and is interrupted), the second is still queued
     local = instance["local"] = Local(data_dir, local_env, "--workers", "1")
@@ -357,6 +372,10 @@ def test_stop_and_restart_runs_queued_jobs(instance, data_dir, local_env):
     local.wait_line(r"2 job\(s\) queued for the next start", 5)
     assert {j["status"] for j in local.jobs() if "/restart/" in j["input"]} == {"RUNNABLE"}
     assert not (data_dir / BUCKET / "transcripts" / "audio" / "restart" / "first.flac.json").exists()
+    dropped = [f"audio/packed/{n}-{CLIP_A}" for n in range(4)]
+    for key in dropped:
+        (data_dir / BUCKET / key).parent.mkdir(parents=True, exist_ok=True)
+        (data_dir / BUCKET / key).write_bytes(shared_clip(CLIP_A).read_bytes())
 
     local = instance["local"] = Local(data_dir, local_env, "--workers", "2")
     local.wait_line(r"resumed .*2 job\(s\) queued", 10)
@@ -367,6 +386,13 @@ def test_stop_and_restart_runs_queued_jobs(instance, data_dir, local_env):
     assert_transcript_matches(text, CLIP_B)
     local.wait_line(r"done\s+audio/restart/first\.flac", 60)  # the process exits just after its marker
     local.wait_line(r"done\s+audio/restart/second\.flac", 60)
+    # the four dropped files: two packs of two (one per worker), every file reported done
+    markers = [local.wait_json(f"transcripts/{key}.json") for key in dropped]
+    packs = [j for j in local.jobs() if set(j["keys"]) & set(dropped)]
+    assert sorted(len(j["keys"]) for j in packs) == [2, 2], packs
+    assert all(m["pack"]["objects"] == 2 for m in markers)
+    for key in dropped:
+        local.wait_line(rf"done\s+{re.escape(key)}", 60)
     # nothing delivered before the restart is submitted again
     assert len(local.jobs("audio/jfk.flac")) == 1
     assert {j["status"] for j in local.jobs() if "/restart/" in j["input"]} == {"SUCCEEDED"}

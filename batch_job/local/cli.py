@@ -34,6 +34,7 @@ from batch_job.local import (
     SECRET_ACCESS_KEY,
     state_dir,
 )
+from batch_job.local.progress import Progress
 from batch_job.settings import usable_cores
 
 #: Submitter environment as the stack sets it (cloudformation/template.yaml defaults).
@@ -55,31 +56,11 @@ class LambdaContext:
     memory_limit_in_mb: int = 256
     invoked_function_arn: str = f"arn:aws:lambda:{REGION}:000000000000:function:whisper-batch-submitter-local"
     aws_request_id: str = field(default_factory=lambda: __import__("uuid").uuid4().__str__())
-    timeout_ms: int = 60_000
+    timeout_ms: int = 120_000  # the stack's submitter Timeout (cloudformation/template.yaml)
     _started: float = field(default_factory=time.monotonic)
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int(self.timeout_ms - (time.monotonic() - self._started) * 1000))
-
-
-class _SubmitterLog(logging.Handler):
-    """Turns the handler's own log records ("object skipped", "job submitted") into progress lines."""
-
-    def __init__(self, mode: LocalMode) -> None:
-        super().__init__(level=logging.INFO)
-        self.mode = mode
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-            key = getattr(record, "key", None)
-            if message == "object skipped" and key:
-                self.mode._on_skipped(str(key), str(getattr(record, "reason", "")),
-                                      getattr(record, "job_name", None))
-            elif record.levelno >= logging.ERROR:
-                self.mode.say("submitter", str(key or "-"), message)
-        except Exception:  # noqa: BLE001 - never break the handler
-            pass
 
 
 class LocalMode:
@@ -88,7 +69,7 @@ class LocalMode:
     def __init__(self, data_dir: str | Path = DEFAULT_DATA_DIR, *, workers: int | None = None,
                  port: int | None = None, bucket: str = DEFAULT_BUCKET, input_prefix: str = DEFAULT_INPUT_PREFIX,
                  output_prefix: str = DEFAULT_OUTPUT_PREFIX, poll_interval: float = 1.0, settle: float = 1.0,
-                 out: IO[str] | None = None) -> None:
+                 pack_max_objects: int | None = None, out: IO[str] | None = None) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.workers = workers or usable_cores()
         self.port = port
@@ -97,6 +78,8 @@ class LocalMode:
         self.output_prefix = output_prefix
         self.poll_interval = poll_interval
         self.settle = settle
+        #: objects per job (None: the stack's default; 1: one job per file, no packs)
+        self.pack_max_objects = pack_max_objects
         self.out = out or sys.stdout
         self._print_lock = threading.Lock()
         self.s3_server = None
@@ -105,13 +88,8 @@ class LocalMode:
         self.watcher = None
         self.s3 = None
         self._lock_file = None
-        self._log_handler = None
         self._submitter_stream = None
-        #: input key -> latest job outcome ("succeeded"/"failed") and the job dict
-        self.outcomes: dict[str, tuple[str, dict]] = {}
-        #: input key -> skip/dead-letter reason (no job will run)
-        self.skipped: dict[str, str] = {}
-        self._started_at: dict[str, float] = {}
+        self.progress: Progress | None = None
         #: input key -> ETag last handed to the submitter
         self.delivered: dict[str, str] = {}
         #: jobs found queued at start (from the previous run)
@@ -170,9 +148,10 @@ class LocalMode:
             self.s3 = self._s3_client()
 
             output_uri = f"s3://{self.bucket}/{self.output_prefix}"
+            self.progress = Progress(self.s3, self.bucket, self.output_prefix, self.say).start()
             self.executor = LocalBatch(self.data_dir, workers=self.workers, env=self._job_env(),
                                        job_definitions=default_job_definitions(output_uri),
-                                       on_event=self._on_job_event)
+                                       on_event=self.progress.on_job_event)
             self._configure_submitter(handler_app)
             self.watcher = Watcher(self.s3, self.bucket, self.input_prefix, state_dir(self.data_dir) / "watcher.json",
                                    self._deliver, interval=self.poll_interval, settle=self.settle,
@@ -195,6 +174,8 @@ class LocalMode:
             kept = self.executor.stop()
             self.executor.close()
             self.executor = None
+        if self.progress is not None:
+            self.progress.stop()
         for server in (self.dynamo_server, self.s3_server):
             if server is not None:
                 server.stop()
@@ -265,6 +246,9 @@ class LocalMode:
             "JOB_DEFINITION_LONG": DEFAULT_JOB_DEFINITION_LONG, "LONG_JOB_MIN_BYTES": str(LONG_JOB_MIN_BYTES),
             "MAX_OBJECT_BYTES": str(MAX_OBJECT_BYTES), "INPUT_PREFIX": self.input_prefix,
             "OUTPUT_PREFIX": self.output_prefix, "IDEMPOTENCY_TABLE": DEFAULT_TABLE,
+            # Packs spread over every worker, as the stack spreads them over an instance's cores.
+            "PACK_PARALLELISM": str(self.workers),
+            **({"PACK_MAX_OBJECTS": str(self.pack_max_objects)} if self.pack_max_objects else {}),
         }
 
     def _import_submitter(self):
@@ -283,26 +267,20 @@ class LocalMode:
         from submitter.settings import SubmitterSettings
 
         settings = SubmitterSettings.from_env(self._submitter_env())
+        # Each object's outcome (queued in which job, duplicate, skipped, submit failure) comes
+        # back through the submitter's callback: local mode never reads the handler's log text.
         handler_app.configure(settings=settings,
-                              clients=Clients(batch=self.executor, s3=self.s3, dynamodb=self.dynamo_server.client()))
-        # The handler logs JSON to stdout (CloudWatch Logs when deployed): here to a file, and
-        # its "object skipped" records become progress lines.
+                              clients=Clients(batch=self.executor, s3=self.s3, dynamodb=self.dynamo_server.client()),
+                              on_outcome=self.progress.on_outcome)
+        # The handler logs JSON to stdout (CloudWatch Logs when deployed): here to a file.
         logger = logging.getLogger(os.environ.get("POWERTOOLS_SERVICE_NAME") or SERVICE)
         self._submitter_stream = open(state_dir(self.data_dir) / "logs" / "submitter.log", "a", encoding="utf-8")
         self._redirected: list[tuple[logging.StreamHandler, Any]] = []
         for h in logger.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 self._redirected.append((h, h.setStream(self._submitter_stream)))
-        self._log_handler = _SubmitterLog(self)
-        logger.addHandler(self._log_handler)
-        if logger.getEffectiveLevel() > logging.INFO:  # the skip/duplicate records are INFO
-            logger.setLevel(logging.INFO)
 
     def _restore_submitter_log(self) -> None:
-        logger = logging.getLogger(os.environ.get("POWERTOOLS_SERVICE_NAME") or SERVICE)
-        if self._log_handler is not None:
-            logger.removeHandler(self._log_handler)
-            self._log_handler = None
         for handler, old in getattr(self, "_redirected", []):
             handler.setStream(old)
         self._redirected = []
@@ -317,71 +295,12 @@ class LocalMode:
         return handler_app.handler(event, LambdaContext())
 
     # ---------------------------------------------------------------- progress
-    def _key_of(self, job: dict) -> str:
-        uri = (job.get("parameters") or {}).get("input", "")
-        prefix = f"s3://{self.bucket}/"
-        return uri[len(prefix):] if uri.startswith(prefix) else uri
-
-    def _output_prefix_of(self, job: dict) -> tuple[str, str]:
-        from batch_job.s3io import S3Uri
-
-        dst = S3Uri.parse((job.get("parameters") or {}).get("output") or f"s3://{self.bucket}/{self.output_prefix}",
-                          prefix=True)
-        return dst.bucket, dst.key
-
-    def error_marker(self, job: dict) -> dict | None:
-        from batch_job.job import error_marker_key
-        from batch_job.s3io import S3Uri, get_json
-
-        try:
-            src = S3Uri.parse(job["parameters"]["input"])
-            bucket, prefix = self._output_prefix_of(job)
-            return get_json(self.s3, bucket, error_marker_key(prefix, src.key))
-        except Exception:  # noqa: BLE001 - no marker (e.g. the job could not even parse its input)
-            return None
-
-    def _on_job_event(self, kind: str, job: dict) -> None:
-        key = self._key_of(job)
-        attempts = job.get("attempts") or 0
-        if kind == "queued":
-            self.say("queued", key, f"job {job['jobName']} ({job['jobId'][:8]})")
-        elif kind == "running":
-            self._started_at[job["jobId"]] = time.monotonic()
-            self.say("running", key, f"attempt {attempts}/3")
-        elif kind == "succeeded":
-            from batch_job.job import output_key
-
-            bucket, prefix = self._output_prefix_of(job)
-            took = time.monotonic() - self._started_at.pop(job["jobId"], time.monotonic())
-            self.outcomes[key] = ("succeeded", job)
-            self.say("done", key, f"-> s3://{bucket}/{output_key(prefix, key, '.txt')}  ({took:.1f} s)")
-        elif kind in ("failed", "retrying"):
-            marker = self.error_marker(job) or {}
-            reason = marker.get("reason") or job.get("statusReason") or "unknown"
-            message = marker.get("message") or ""
-            detail = f"{reason}" + (f": {message}" if message else "") + f"  (exit {job.get('exitCode')}"
-            detail += f", log {job.get('log')})" if job.get("log") else ")"
-            if kind == "failed":
-                self.outcomes[key] = ("failed", job)
-                self.say("failed", key, detail)
-            else:
-                self.say("retrying", key, f"attempt {attempts} failed: {detail}")
-        elif kind == "requeued":
-            self.say("requeued", key, "interrupted by the stop; runs at the next start")
-
-    def _on_skipped(self, key: str, reason: str, job_name: str | None) -> None:
-        if reason == "duplicate":
-            self.say("duplicate", key, f"same bytes already submitted (job {job_name}); no new job")
-        else:
-            self.skipped[key] = reason
-            self.say("skipped", key, reason)
-
     def _on_delivered(self, key: str, obj: dict) -> None:
         self.delivered[key] = str(obj.get("ETag", "")).strip('"')
 
     def _on_dead_letter(self, key: str, error: str) -> None:
-        self.skipped[key] = f"dead-lettered: {error}"
-        self.say("failed", key, f"submitter kept failing, message dead-lettered: {error}")
+        if self.progress is not None:
+            self.progress.on_dead_letter(key, self.delivered.get(key, ""), error)
 
     # ---------------------------------------------------------------- --once
     def upload(self, files: list[Path]) -> dict[str, tuple[Path, str]]:
@@ -416,32 +335,19 @@ class LocalMode:
         return rules.skip_reason(key, size, SubmitterSettings.from_env(self._submitter_env()))
 
     def wait_for(self, uploads: dict[str, tuple[Path, str]], stop: threading.Event) -> dict[str, tuple[str, Any]]:
-        """Until each key has a completion marker for its ETag, a final failed job, or a skip."""
-        from batch_job.job import marker_key
-        from batch_job.s3io import get_json
-
+        """Until each key is final for its ETag: ``{key: (status, detail)}`` with status
+        ``succeeded`` (detail: the completion marker), ``failed`` (the error marker) or ``skipped``."""
         results: dict[str, tuple[str, Any]] = {}
+        for key, (path, _etag) in uploads.items():
+            reason = self._skip_rule(key, path)
+            if reason:  # the submitter skips it: no job will ever run
+                results[key] = ("skipped", {"reason": reason})
         while len(results) < len(uploads) and not stop.is_set():
-            active = self.executor.active_inputs() if self.executor is not None else set()
-            for key, (path, etag) in uploads.items():
-                if key in results:
-                    continue
-                reason = self.skipped.get(key) or self._skip_rule(key, path)
-                if reason:
-                    results[key] = ("skipped", reason)
-                    continue
-                if self.delivered.get(key) != etag or f"s3://{self.bucket}/{key}" in active:
-                    continue  # not handed to the submitter yet, or its job is still queued/running
-                marker = None
-                try:
-                    marker = get_json(self.s3, self.bucket, marker_key(self.output_prefix, key))
-                except Exception:  # noqa: BLE001 - retried on the next round
-                    pass
-                if marker and str((marker.get("source") or {}).get("etag", "")).strip('"') == etag:
-                    results[key] = ("succeeded", marker)
-                elif key in self.outcomes and self.outcomes[key][0] == "failed":
-                    results[key] = ("failed", self.error_marker(self.outcomes[key][1]) or self.outcomes[key][1])
-            stop.wait(0.5)
+            for key, (_path, etag) in uploads.items():
+                state = self.progress.final.get(key) if self.progress is not None else None
+                if key not in results and state is not None and state.etag in (etag, ""):
+                    results[key] = (state.status, state.detail)
+            stop.wait(0.2)
         return results
 
 
@@ -460,14 +366,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="jobs at once (default: one per CPU core, like one job per NeuronCore)")
     p.add_argument("--port", type=int, default=None, help="S3 endpoint port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--pack-max-objects", type=int, default=None, metavar="N",
+                   help="files per job at most (default: the stack's PackMaxObjects); 1 = one job per file")
     p.add_argument("--once", nargs="+", metavar="FILE", help="upload FILEs, wait for their transcripts, print them, exit")
     p.set_defaults(func=_command)
 
 
 def _command(args: argparse.Namespace) -> int:
-    if args.workers is not None and args.workers < 1:
-        print("whisper-batch local: --workers must be at least 1", file=sys.stderr)
-        return 2
+    for flag, value in (("--workers", args.workers), ("--pack-max-objects", args.pack_max_objects)):
+        if value is not None and value < 1:
+            print(f"whisper-batch local: {flag} must be at least 1", file=sys.stderr)
+            return 2
     files: list[Path] = []
     for name in args.once or []:
         path = Path(name).expanduser()
@@ -476,7 +385,7 @@ def _command(args: argparse.Namespace) -> int:
             return 2
         files.append(path)
     once = bool(files)
-    mode = LocalMode(args.data_dir, workers=args.workers, port=args.port,
+    mode = LocalMode(args.data_dir, workers=args.workers, port=args.port, pack_max_objects=args.pack_max_objects,
                      out=sys.stderr if once else sys.stdout,
                      poll_interval=0.5 if once else 1.0, settle=0.5 if once else 1.0)
     stop = threading.Event()
@@ -563,9 +472,3 @@ def _run_once(mode: LocalMode, files: list[Path], stop: threading.Event) -> int:
         return 130
     return 1 if failed else 0
 
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `whisper-batch local` is the entry point
-    parser = argparse.ArgumentParser(prog="whisper-batch")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["local", *(argv if argv is not None else sys.argv[1:])])
-    return int(args.func(args) or 0)

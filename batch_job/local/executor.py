@@ -41,6 +41,7 @@ from typing import Any
 
 from batch_job import exit_codes
 from batch_job.local import die_with_parent, state_dir
+from batch_job.settings import usable_cores
 
 DEFAULT_QUEUE = "whisper-batch-local"
 DEFAULT_JOB_DEFINITION = "whisper-batch-job"
@@ -51,7 +52,6 @@ ENTRYPOINT = (sys.executable, "-m", "batch_job.cli")
 STOP_TIMEOUT = 30.0
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-FINAL = ("SUCCEEDED", "FAILED")
 
 
 def retry_strategy(attempts: int = 3) -> dict:
@@ -139,7 +139,7 @@ class LocalBatch:
         self.state = state_dir(data_dir)
         self.log_dir = self.state / "logs" / "jobs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.workers = max(1, int(workers or os.cpu_count() or 1))
+        self.workers = max(1, int(workers or usable_cores()))
         self.queue = queue
         self.job_definitions = dict(job_definitions or default_job_definitions(""))
         self.env = dict(os.environ if env is None else env)
@@ -261,12 +261,6 @@ class LocalBatch:
             rows = self._db.execute("SELECT status, COUNT(*) AS n FROM jobs WHERE status != 'PENDING' GROUP BY status")
             return {r["status"]: int(r["n"]) for r in rows}
 
-    def active_inputs(self) -> set[str]:
-        """``parameters.input`` of every job queued or running."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE status IN ('RUNNABLE', 'RUNNING')").fetchall()
-            return {self._parameters(r).get("input", "") for r in rows}
-
     def idle(self) -> bool:
         counts = self.counts()
         return not counts.get("RUNNABLE") and not counts.get("RUNNING")
@@ -339,7 +333,7 @@ class LocalBatch:
         env.update(definition.environment)
         for item in overrides.get("environment") or []:
             env[str(item["name"])] = str(item.get("value", ""))
-        env.setdefault("WHISPER_BATCH_THREADS", str(max(1, (os.cpu_count() or 1) // self.workers)))
+        env.setdefault("WHISPER_BATCH_THREADS", str(max(1, usable_cores() // self.workers)))
         env.update({
             "AWS_BATCH_JOB_ID": row["id"], "AWS_BATCH_JOB_ATTEMPT": str(row["attempts"]),
             "AWS_BATCH_JQ_NAME": row["queue"], "AWS_BATCH_CE_NAME": "local",

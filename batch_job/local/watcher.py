@@ -3,9 +3,9 @@
 Every ``interval`` seconds the watcher lists ``s3://BUCKET/INPUT_PREFIX`` through the S3 endpoint
 (so an object uploaded with any S3 client and a file copied straight into
 ``DATA_DIR/BUCKET/INPUT_PREFIX`` both count), and hands each new object version to
-``submitter.app.handler`` in the shape the stack delivers: an SQS event (at most 10 records, the
-event source mapping's batch size) whose message bodies are S3 ``ObjectCreated:Put``
-notifications with URL-encoded keys (``quote_plus``, ``/`` kept).
+``submitter.app.handler`` in the shape the stack delivers: an SQS event (at most
+:data:`SQS_BATCH_SIZE` records, the stack's default ``SubmitterBatchSize``) whose message bodies
+are S3 ``ObjectCreated:Put`` notifications with URL-encoded keys (``quote_plus``, ``/`` kept).
 
 "New" = a ``(key, ETag, LastModified)`` not delivered before: a re-upload, even of identical
 bytes, is delivered again (S3 notifies every PUT; the handler's idempotency turns it into no
@@ -34,7 +34,8 @@ from urllib.parse import quote_plus
 
 from batch_job.local import REGION
 
-SQS_BATCH_SIZE = 10
+#: Messages per invocation: the stack's default SubmitterBatchSize (tests/test_template.py checks).
+SQS_BATCH_SIZE = 100
 QUEUE_ARN = f"arn:aws:sqs:{REGION}:000000000000:whisper-batch-uploads"
 
 
