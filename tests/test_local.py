@@ -187,6 +187,40 @@ def test_watcher_delivers_the_stack_event_shape_once(tmp_path):
     assert s3["s3"]["object"]["eTag"] == "abc" and s3["s3"]["object"]["size"] == 3
 
 
+def test_watcher_batching_window_holds_a_burst_together(tmp_path):
+    """Settled objects wait while more of the burst is still arriving (as the stack's batching
+    window does), but never longer than batch_window."""
+    from datetime import datetime, timedelta, timezone
+
+    from batch_job.local.watcher import Watcher
+
+    now = datetime.now(timezone.utc)
+    listing = [{"Key": "audio/a.wav", "ETag": '"a"', "Size": 3, "LastModified": now - timedelta(seconds=5)},
+               {"Key": "audio/b.wav", "ETag": '"b"', "Size": 3, "LastModified": now}]
+
+    class FakeS3:
+        def get_paginator(self, name):
+            return type("P", (), {"paginate": lambda self, **kw: [{"Contents": list(listing)}]})()
+
+    events: list[dict] = []
+
+    def deliver(event):
+        events.append(event)
+        return {"batchItemFailures": []}
+
+    watcher = Watcher(FakeS3(), "whisper-batch", "audio/", tmp_path / "w.json", deliver, settle=0.5, batch_window=30)
+    assert watcher.poll() == 0 and events == []  # b is still arriving: a waits for it
+    time.sleep(0.6)
+    assert watcher.poll() == 2 and [len(e["Records"]) for e in events] == [2]  # one event for the burst
+
+    listing.append({"Key": "audio/c.wav", "ETag": '"c"', "Size": 3, "LastModified": now - timedelta(seconds=5)})
+    listing.append({"Key": "audio/d.wav", "ETag": '"d"', "Size": 3, "LastModified": now + timedelta(hours=1)})
+    bounded = Watcher(FakeS3(), "whisper-batch", "audio/", tmp_path / "w.json", deliver, settle=0.5, batch_window=0.3)
+    assert bounded.poll() == 0
+    time.sleep(0.35)
+    assert bounded.poll() == 1  # d never settles: c goes once the window has passed
+
+
 # ---------------------------------------------------------------------------- end to end
 class Local:
     """A `whisper-batch local` process; its output lines are collected by a reader thread."""

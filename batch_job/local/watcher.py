@@ -16,7 +16,11 @@ so a restart does not deliver them again. A message the handler reports in
 redrive policy), then reported as dead-lettered.
 
 Objects are delivered once their LastModified is ``settle`` seconds old, so a file still being
-copied into the folder is not picked up half-written.
+copied into the folder is not picked up half-written. Like the stack's batching window
+(``SubmitterBatchingWindow``), settled objects wait while more are still arriving (younger than
+``settle``), up to ``batch_window`` seconds or until a batch is full, so a burst of uploads
+reaches the submitter as one event and is packed as one (the stack waits up to 20 s; local
+mode, interactive, at most a few).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from batch_job.local import REGION
 
 #: Messages per invocation: the stack's default SubmitterBatchSize (tests/test_template.py checks).
 SQS_BATCH_SIZE = 100
+#: Seconds settled objects may wait for the rest of a burst still arriving (local default).
+BATCH_WINDOW_SECONDS = 3.0
 QUEUE_ARN = f"arn:aws:sqs:{REGION}:000000000000:whisper-batch-uploads"
 
 
@@ -101,7 +107,7 @@ class Watcher:
 
     def __init__(self, s3: Any, bucket: str, prefix: str, state_path: str | Path,
                  deliver: Callable[[dict], Any], *, interval: float = 1.0, settle: float = 1.0,
-                 max_receive_count: int = 5, retry_delay: float = 1.0, on_delivered: Callable[[str, dict], None] | None = None,
+                 batch_window: float = BATCH_WINDOW_SECONDS, max_receive_count: int = 5, retry_delay: float = 1.0, on_delivered: Callable[[str, dict], None] | None = None,
                  on_dead_letter: Callable[[str, str], None] | None = None,
                  on_error: Callable[[str], None] | None = None) -> None:
         self.s3 = s3
@@ -111,6 +117,8 @@ class Watcher:
         self.deliver = deliver
         self.interval = interval
         self.settle = settle
+        self.batch_window = batch_window
+        self._waiting_since: float | None = None  # when settled objects started waiting for a burst
         self.max_receive_count = max_receive_count
         self.retry_delay = retry_delay
         self.on_delivered = on_delivered
@@ -143,26 +151,32 @@ class Watcher:
     # ---------------------------------------------------------------- polling
     def list_new(self) -> list[dict]:
         """Objects under the prefix not delivered yet and settled (oldest first)."""
+        return self._list()[0]
+
+    def _list(self) -> tuple[list[dict], int]:
+        """(settled new objects, oldest first; how many new ones are still arriving)."""
         now = datetime.now(timezone.utc)
         new = []
+        arriving = 0
         paginator = self.s3.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
             for obj in page.get("Contents") or []:
                 if obj["Key"].endswith("/") or _identity(obj) in self.seen:
                     continue
                 if (now - obj["LastModified"]).total_seconds() < self.settle:
+                    arriving += 1
                     continue
                 if self.receives.get(_identity(obj), (0, 0.0))[1] > time.monotonic():
                     continue  # failed delivery: invisible until its backoff passes
                 new.append(obj)
         new.sort(key=lambda o: (o["LastModified"], o["Key"]))
-        return new
+        return new, arriving
 
     def poll(self) -> int:
         """One listing + delivery round; returns how many objects were delivered."""
         with self._poll_lock:
             try:
-                objects = self.list_new()
+                objects, arriving = self._list()
                 self._last_error = None
             except Exception as exc:  # noqa: BLE001 - endpoint hiccup: try again next round
                 message = f"cannot list s3://{self.bucket}/{self.prefix}: {exc}"
@@ -170,6 +184,15 @@ class Watcher:
                     self.on_error(message)
                 self._last_error = message
                 return 0
+            if not objects:
+                self._waiting_since = None
+                return 0
+            now = time.monotonic()
+            self._waiting_since = self._waiting_since or now
+            if (arriving and len(objects) < SQS_BATCH_SIZE
+                    and now - self._waiting_since < self.batch_window):
+                return 0  # a burst is still arriving: let it fill the batch (the batching window)
+            self._waiting_since = None
             delivered = 0
             for start in range(0, len(objects), SQS_BATCH_SIZE):
                 if self._stop.is_set():
