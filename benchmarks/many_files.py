@@ -1,0 +1,245 @@
+"""Many short files end to end: packed jobs vs one job per file vs one faster-whisper loop (CPU).
+
+The workload this product exists for is many short recordings. This measures, on N short real
+English clips from ../shared/audio (``WHISPER_BATCH_SHARED_AUDIO`` overrides), in one run, with
+the same weights and the same number of CPU threads in total:
+
+* ``packed``: ``whisper-batch local`` (in a child process: the embedded S3 endpoint, the real
+  submitter handler, LocalBatch running ``run-job`` processes), default packing, ``--workers W``;
+  wall time from the first upload to the last file's completion marker (what a user waits);
+* ``per-file``: the same with ``--pack-max-objects 1``: one Batch job per file, as before packs;
+* ``fw``: one faster-whisper process (``WhisperModel(ct2_dir, compute_type="int8",
+  cpu_threads=T)``, ``transcribe(path, beam_size=1)``, files one after another): the simplest
+  script a user would write instead; wall time of the whole process, imports and model load
+  included.
+
+Throughput = audio seconds / wall seconds. WER pools every file (Whisper's English normalizer,
+jiwer), as benchmarks/throughput.py does. Local-mode start-up (servers, powertools import) is
+reported apart: it happens once per ``whisper-batch local`` session, not per batch of files.
+
+    python benchmarks/many_files.py                          # 40 clips of 4-20 s, all systems
+    python benchmarks/many_files.py --limit 10 --systems packed,fw   # smoke run
+    python benchmarks/many_files.py --write-docs             # also update docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import ct2_dir_for, error_rates, machine_info, read_manifest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
+DOCS = REPO / "docs" / "benchmarks.md"
+SECTION = "## Many short files end to end (packs)"
+SYSTEMS = ("packed", "per-file", "fw")
+LABELS = {
+    "packed": "whisper-batch local, packs (default)",
+    "per-file": "whisper-batch local, one job per file (--pack-max-objects 1)",
+    "fw": "one faster-whisper process, files in a loop",
+}
+
+
+# ============================================================================ child side
+def child_local(spec: dict) -> dict:
+    """One ``whisper-batch local`` session: start, upload every clip, wait for every marker."""
+    import threading
+
+    from batch_job.local.cli import LocalMode
+
+    out = open(spec["log"], "w", encoding="utf-8")  # the per-file progress lines
+    t_start = time.monotonic()
+    mode = LocalMode(spec["data_dir"], workers=spec["workers"], pack_max_objects=spec["pack_max_objects"],
+                     poll_interval=0.5, settle=0.5, out=out)
+    mode.start()
+    try:
+        startup = time.monotonic() - t_start
+        t0 = time.monotonic()
+        uploads = mode.upload([Path(p) for p in spec["paths"]])
+        results = mode.wait_for(uploads, threading.Event())
+        wall = time.monotonic() - t0
+        jobs = mode.executor.list_jobs()
+        hyps = {}
+        for key, (path, _etag) in uploads.items():
+            status, _detail = results.get(key, ("missing", None))
+            text = ""
+            if status == "succeeded":
+                body = mode.s3.get_object(Bucket=mode.bucket, Key=f"{mode.output_prefix}{key}.txt")["Body"]
+                text = body.read().decode("utf-8")
+            hyps[str(path)] = {"hyp": text.strip(), "status": status}
+    finally:
+        mode.stop()
+        out.close()
+    return {"wall": wall, "startup": startup, "jobs": len(jobs), "files": hyps}
+
+
+def child_fw(spec: dict) -> dict:
+    """The loop a user would write with faster-whisper (the process's whole life is timed by the parent)."""
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(spec["ct2_dir"], device="cpu", compute_type="int8", cpu_threads=spec["threads"])
+    hyps = {}
+    for path in spec["paths"]:
+        segments, _info = model.transcribe(path, beam_size=1)
+        hyps[path] = {"hyp": "".join(s.text for s in segments).strip(), "status": "succeeded"}
+    return {"files": hyps, "jobs": 1}
+
+
+def child_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    result = child_fw(spec) if spec["system"] == "fw" else child_local(spec)
+    Path(spec["out"]).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+# ============================================================================ parent side
+def select_clips(limit: int, min_seconds: float, max_seconds: float) -> list[dict]:
+    rows = [r for r in read_manifest(SHARED_AUDIO)
+            if r["language"] == "en" and min_seconds <= float(r["seconds"]) < max_seconds]
+    return rows[:limit]
+
+
+def run_system(system: str, clips: list[dict], args: argparse.Namespace, env: dict[str, str], tmp: Path) -> dict:
+    spec = {"system": system, "paths": [c["path"] for c in clips], "out": str(tmp / f"{system}.out.json"),
+            "log": str(tmp / f"{system}.progress.log"), "data_dir": str(tmp / f"{system}-data"),
+            "workers": args.workers, "threads": args.threads,
+            "pack_max_objects": 1 if system == "per-file" else None, "ct2_dir": args.ct2_dir}
+    spec_path = tmp / f"{system}.spec.json"
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+                          env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process_wall = time.monotonic() - t0
+    if proc.returncode != 0 or not Path(spec["out"]).is_file():
+        tail = " | ".join(proc.stdout.strip().splitlines()[-12:])
+        return {"system": system, "error": f"exit {proc.returncode}: {tail}"}
+    result = json.loads(Path(spec["out"]).read_text(encoding="utf-8"))
+    result["system"] = system
+    if system == "fw":
+        result["wall"] = process_wall
+    rows = [{**c, "hyp": result["files"][c["path"]]["hyp"]} for c in clips]
+    result["wer"] = error_rates(rows, multilingual=False).get("en", {}).get("rate")
+    result["failed"] = sum(1 for f in result["files"].values() if f["status"] != "succeeded")
+    return result
+
+
+def render(results: list[dict], clips: list[dict], args: argparse.Namespace, meta: dict) -> str:
+    audio = sum(float(c["seconds"]) for c in clips)
+    by = {r["system"]: r for r in results if "error" not in r}
+    fw = by.get("fw")
+    per_file = by.get("per-file")
+    lines = [
+        "| system | files | audio s | jobs | wall s (first upload → last marker) | audio-s / wall-s | "
+        "× one job per file | × faster-whisper loop | WER | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {LABELS[r['system']]} | error: {r['error'][:200]} |||||||||")
+            continue
+        rate = audio / r["wall"]
+        vs_file = f"{per_file['wall'] / r['wall']:.2f}" if per_file else "-"
+        vs_fw = f"{fw['wall'] / r['wall']:.2f}" if fw else "-"
+        wer = "-" if r.get("wer") is None else f"{100 * r['wer']:.1f}%"
+        lines.append(f"| {LABELS[r['system']]} | {len(clips)} | {audio:.1f} | {r['jobs']} | {r['wall']:.1f} | "
+                     f"{rate:.1f} | {vs_file} | {vs_fw} | {wer} | {r['failed']} |")
+    startups = [f"{r['system']} {r['startup']:.1f} s" for r in results if "startup" in r]
+    command = "python benchmarks/many_files.py " + " ".join(shlex.quote(a) for a in meta["argv"])
+    notes = [
+        "",
+        f"Command: `{command.strip()}`. Measured {meta['when']} on {meta['machine']['nproc']} usable cores "
+        f"({meta['machine']['cpu_model']}; load average {meta['machine']['loadavg_start'][0]:.1f} at start), "
+        f"python {meta['machine']['python']}, torch {meta['machine']['torch']}, "
+        f"faster-whisper {meta['machine']['faster-whisper']}, ctranslate2 {meta['machine']['ctranslate2']}.",
+        f"- {len(clips)} English clips of {args.min_seconds:g}-{args.max_seconds:g} s from `../shared/audio`, "
+        f"model `tiny.en` (the same packaged weights for all: faster-whisper reads the CTranslate2 files, "
+        f"ours their conversion), {args.threads} CPU threads in total for every system "
+        f"(local mode: {args.workers} workers × {max(1, args.threads // args.workers)} thread(s) per job).",
+        "- Local mode wall time starts at the first upload and ends when the last completion marker is "
+        "read (upload, watcher poll, submitter, Batch stand-in, job start, model load and transcription "
+        "all inside it); local-mode start-up, once per session, is apart: " + (", ".join(startups) or "-") + ".",
+        "- faster-whisper: the wall time of its whole process (interpreter, imports, model load, the loop).",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def write_docs(section_body: str) -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    block = f"{SECTION}\n\n{section_body}"
+    if SECTION in text:
+        start = text.index(SECTION)
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + block + (text[nxt + 1:] if nxt != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    DOCS.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return child_main(argv[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--limit", type=int, default=40, help="clips (default %(default)s)")
+    p.add_argument("--min-seconds", type=float, default=4.0)
+    p.add_argument("--max-seconds", type=float, default=20.0)
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    p.add_argument("--workers", type=int, default=2, help="local mode's workers (default %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads in total per system (default %(default)s)")
+    p.add_argument("--cache-dir", default=os.environ.get("WHISPER_BATCH_TEST_CACHE") or None,
+                   help="model cache (default $WHISPER_BATCH_TEST_CACHE, else the settings' default)")
+    p.add_argument("--ct2-dir", default=None, help="faster-whisper model directory (default: the packaged tiny.en)")
+    p.add_argument("--write-docs", action="store_true", help=f"replace '{SECTION}' in docs/benchmarks.md")
+    p.add_argument("--keep", metavar="DIR", help="keep the data folders and job logs in DIR (default: a temp dir)")
+    args = p.parse_args(argv)
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown systems {sorted(unknown)}")
+
+    from batch_job.models import resolve_checkpoint
+    from batch_job.settings import Settings
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WHISPER_BATCH_"))}
+    env.update(WHISPER_BATCH_MODEL="tiny.en", WHISPER_BATCH_THREADS=str(max(1, args.threads // args.workers)),
+               OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    if args.cache_dir:
+        env["WHISPER_BATCH_CACHE_DIR"] = args.cache_dir
+    cache_dir = Path(args.cache_dir or Settings.from_env().cache_dir)
+    hf_dir = resolve_checkpoint("tiny.en", str(cache_dir))  # converted once, before any job
+    args.ct2_dir = str(ct2_dir_for("tiny.en", Path(hf_dir), cache_dir, args.ct2_dir))
+
+    clips = select_clips(args.limit, args.min_seconds, args.max_seconds)
+    if not clips:
+        p.error(f"no English clips of {args.min_seconds}-{args.max_seconds} s in {SHARED_AUDIO}")
+    meta = {"argv": argv, "machine": machine_info(),
+            "when": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="many-files-") as scratch:
+        tmp = args.keep or scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        for system in systems:
+            print(f"running {system} on {len(clips)} clips ...", file=sys.stderr, flush=True)
+            results.append(run_system(system, clips, args, env, Path(tmp)))
+            r = results[-1]
+            print(f"  {system}: " + (r["error"] if "error" in r else f"{r['wall']:.1f} s, {r['jobs']} job(s)"),
+                  file=sys.stderr, flush=True)
+    table = render(results, clips, args, meta)
+    print(table)
+    if args.write_docs:
+        write_docs(table)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
