@@ -3,8 +3,9 @@
 Devices differ ONLY in how :class:`~batch_job.inference.EncoderGraph` and
 :class:`~batch_job.inference.DecoderStepGraph` are prepared and where their cache lives:
 
-* ``cpu``: the decoder's Linear layers dynamically quantized to int8 (the encoder stays fp32: an
-  int8 encoder costs several WER points), fixed batch-size buckets; with ``jit_decoder`` (the
+* ``cpu``: the decoder's Linear layers dynamically quantized to int8; the encoder in bfloat16
+  where the CPU multiplies it natively (``encoder_dtype``, :class:`~batch_job.inference.CastEncoder`),
+  else float32 (an int8 encoder costs several WER points); fixed batch-size buckets; with ``jit_decoder`` (the
   default) both graphs are ``torch.jit.trace``-d and saved in the graph cache
   (:mod:`batch_job.graph_cache`), so later starts load them without transformers;
 * ``cuda``: eager PyTorch on the GPU (the step traced per bucket on first use);
@@ -99,6 +100,23 @@ def engine_cache_len(max_target_positions: int, max_new_tokens: int) -> int:
     return min(int(max_target_positions), int(max_new_tokens) + PROMPT_SLOTS)
 
 
+ENCODER_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def cpu_encoder_dtype(settings: Settings) -> str:
+    """``settings.encoder_dtype`` resolved: ``auto`` is bfloat16 only where oneDNN multiplies it
+    natively (emulated bf16 is slower than float32)."""
+    choice = settings.encoder_dtype or "auto"
+    if choice not in ENCODER_DTYPES:
+        raise ValueError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, not {choice!r}")
+    if choice != "auto":
+        return choice
+    import torch
+
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bfloat16" if native else "float32"
+
+
 def uses_graph_cache(settings: Settings, device: str) -> bool:
     """CPU with the traced decoder: the graphs are traced up front and cached (:mod:`batch_job.graph_cache`)."""
     return device == "cpu" and bool(settings.jit_decoder)
@@ -120,7 +138,7 @@ def model_bundle(loaded, settings: Settings, device: str) -> ModelBundle:
         return load_bundle(settings)
     import torch
 
-    from batch_job.inference import DecoderStepGraph, EncoderGraph, StackedCacheStep
+    from batch_job.inference import CastEncoder, DecoderStepGraph, EncoderGraph, StackedCacheStep
 
     config = loaded.model.config
     dims = ModelDims.from_config(config, engine_cache_len(config.max_target_positions, settings.max_new_tokens))
@@ -132,6 +150,8 @@ def model_bundle(loaded, settings: Settings, device: str) -> ModelBundle:
     sizes = batch_buckets(settings.batch_size)
     if device == "cpu" and settings.quantize_decoder:
         step = torch.ao.quantization.quantize_dynamic(step, {torch.nn.Linear}, dtype=torch.qint8)
+    if device == "cpu" and cpu_encoder_dtype(settings) == "bfloat16":
+        encoder = CastEncoder(encoder, torch.bfloat16).eval()
     if uses_graph_cache(settings, device):
         encoder_script, step_script = graph_cache.trace_cpu_graphs(encoder, step, dims, sizes, loaded.sot)
         graphs = graph_cache.bucket_graphs(encoder_script, step_script, sizes)
@@ -415,5 +435,6 @@ class _CacheSlot:
 
 def _key_fields(settings: Settings, checksum: str, cache_len: int, buckets: Sequence[int]) -> dict:
     return graph_cache.key_fields(
-        checksum=checksum, cache_len=cache_len, buckets=buckets, quantize=settings.quantize_decoder, jit=settings.jit_decoder
+        checksum=checksum, cache_len=cache_len, buckets=buckets, quantize=settings.quantize_decoder, jit=settings.jit_decoder,
+        encoder_dtype=cpu_encoder_dtype(settings),
     )

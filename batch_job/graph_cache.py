@@ -197,7 +197,8 @@ class ModelBundle:
 # --------------------------------------------------------------------------------------------
 
 
-def key_fields(*, checksum: str, cache_len: int, buckets: Sequence[int], quantize: bool, jit: bool) -> dict[str, Any]:
+def key_fields(*, checksum: str, cache_len: int, buckets: Sequence[int], quantize: bool, jit: bool,
+               encoder_dtype: str = "float32") -> dict[str, Any]:
     """What the cached graphs depend on (hashed into the key, recorded in the manifest)."""
     import torch
 
@@ -216,6 +217,7 @@ def key_fields(*, checksum: str, cache_len: int, buckets: Sequence[int], quantiz
         "buckets": sorted(int(b) for b in buckets),
         "quantize": bool(quantize),
         "jit": bool(jit),
+        "encoder_dtype": encoder_dtype,
         "torch": torch.__version__,
         "transformers": package_versions(("transformers",))["transformers"],
         "whisper_batch": __version__,

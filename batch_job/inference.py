@@ -35,6 +35,7 @@ Where the cache lives is the one thing that differs, and it is decided outside t
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -150,6 +151,24 @@ class EncoderGraph(nn.Module):
         ks = [_split_heads(k(hidden), self.heads) for k in self.k_projs]
         vs = [_split_heads(v(hidden), self.heads) for v in self.v_projs]
         return torch.stack(ks), torch.stack(vs)
+
+
+class CastEncoder(nn.Module):
+    """An encoder graph computed in ``dtype`` (bfloat16 on CPUs that multiply it natively).
+
+    ``forward(mel [B, M, 3000] float32) -> (cross_k, cross_v)`` float32, as :class:`EncoderGraph`'s:
+    the decoder and its cache never see the lower precision's dtype. The weights are a converted
+    copy: the checkpoint's modules (shared with the decoder and the caller) stay as they are.
+    """
+
+    def __init__(self, encoder: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner = copy.deepcopy(encoder).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.inner(mel.to(self.dtype))
+        return k.float(), v.float()
 
 
 class DecoderStepGraph(nn.Module):

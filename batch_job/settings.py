@@ -53,7 +53,10 @@ class Settings:
     jit_decoder: bool = True
     """CPU/CUDA: ``torch.jit.trace`` the decoder step per batch size on first use (less per-step overhead)."""
     quantize_decoder: bool = True
-    """CPU only: dynamic int8 quantization of the decoder's Linear layers (the encoder stays fp32)."""
+    """CPU only: dynamic int8 quantization of the decoder's Linear layers."""
+    encoder_dtype: str = "auto"
+    """CPU only: the encoder's compute dtype, ``float32`` or ``bfloat16``; ``auto`` = bfloat16 where
+    the CPU multiplies bf16 natively (AVX512-BF16 / AMX, as oneDNN reports), else float32."""
 
     # --- inputs -----------------------------------------------------------
     max_audio_seconds: float = 4 * 3600.0

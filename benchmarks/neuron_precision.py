@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     entries = [json.loads(line) for line in (SHARED_AUDIO / "manifest.jsonl").read_text().splitlines() if line.strip()]
     entries = [e for e in entries if e["language"] == "en" and e["seconds"] <= 30][: args.limit]
     rows = [load_audio(SHARED_AUDIO / e["audio"]) for e in entries]
-    settings = Settings.from_env().replace(model=args.model, device="cpu", quantize_decoder=False,
+    settings = Settings.from_env().replace(model=args.model, device="cpu", quantize_decoder=False, encoder_dtype="float32",
                                            batch_size=args.batch_size, max_new_tokens=args.max_tokens)
     loaded = load_model(args.model, cache_dir=settings.cache_dir)
     engine = Engine(loaded, settings, "cpu", 0.0)  # log-mel, tokens and text only

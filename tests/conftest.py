@@ -70,4 +70,4 @@ def tiny_engine_fp32(tiny_settings):
     """tiny.en with fp32 graphs everywhere: token-exact against transformers' generate."""
     from batch_job.engine import Engine
 
-    return Engine.load(tiny_settings.replace(quantize_decoder=False))
+    return Engine.load(tiny_settings.replace(quantize_decoder=False, encoder_dtype="float32"))

@@ -322,3 +322,31 @@ def test_a_joined_window_keeps_the_budget_of_its_freshest_part():
     assert len(joined) == 1 and joined[0].continuation == 0
     assert joined[0].window.samples == 25 * sr + joined[0].window.gap
     assert other_file in queue and retry in queue  # other files and retries are never joined
+
+
+def test_encoder_dtype_setting(monkeypatch):
+    from batch_job.engine import cpu_encoder_dtype
+    from batch_job.settings import Settings
+
+    assert cpu_encoder_dtype(Settings(encoder_dtype="float32")) == "float32"
+    assert cpu_encoder_dtype(Settings(encoder_dtype="bfloat16")) == "bfloat16"
+    with pytest.raises(ValueError, match="encoder_dtype must be one of"):
+        cpu_encoder_dtype(Settings(encoder_dtype="fp8"))
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert cpu_encoder_dtype(Settings()) == "float32"  # auto never picks emulated bf16
+
+
+def test_bf16_encoder_is_close_and_leaves_the_checkpoint_alone(tiny_engine_fp32):
+    """CastEncoder computes in bf16 on a copy; its float32 outputs stay close to the fp32 graph's."""
+    from batch_job.inference import CastEncoder, EncoderGraph
+
+    model = tiny_engine_fp32.loaded.model
+    fp32 = EncoderGraph(model).eval()
+    bf16 = CastEncoder(fp32, torch.bfloat16).eval()
+    mel = tiny_engine_fp32.log_mel([load_clip("jfk.flac")], 1)
+    with torch.inference_mode():
+        want, got = fp32(mel), bf16(mel)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the shared checkpoint untouched
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert (a - b).norm() / b.norm() < 0.05

@@ -128,10 +128,13 @@ def _settings_dict(settings) -> dict:
 
 def test_cached_encoder_is_batch_generic(cold, warm, rows):
     """The encoder is traced once at batch 1; at batch 4 it must equal the eager module."""
-    from batch_job.inference import EncoderGraph
+    from batch_job.engine import cpu_encoder_dtype
+    from batch_job.inference import CastEncoder, EncoderGraph
 
     mel = warm.log_mel(rows, 4)
     eager = EncoderGraph(cold.loaded.model).eval()
+    if cpu_encoder_dtype(warm.settings) == "bfloat16":  # the same dtype as the cached graph
+        eager = CastEncoder(eager, torch.bfloat16).eval()
     with torch.inference_mode():
         want = eager(mel)
         got = warm.bundle.graphs[4].encode(mel)

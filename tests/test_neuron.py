@@ -70,7 +70,7 @@ def settings(model_cache_dir):
     from batch_job.settings import Settings
 
     # Eager reference = the fp32, un-quantized graphs (what Neuron compiles, before bf16).
-    return Settings(model="tiny.en", device="cpu", quantize_decoder=False, batch_size=4,
+    return Settings(model="tiny.en", device="cpu", quantize_decoder=False, encoder_dtype="float32", batch_size=4,
                     max_new_tokens=MAX_TOKENS, cache_dir=str(model_cache_dir), threads=2)
 
 
