@@ -200,6 +200,9 @@ class _PackRun:
             self.sampler = NeuronMonitorSampler(self.rt.settings.neuron_monitor,
                                                 period_seconds=self.rt.settings.neuron_monitor_period).start()
             self._transcribe(transcriber, chain([first], stream))
+            for obj in self.objects:
+                if obj.result is None:  # the engine yielded nothing for it: never leave it unmarked
+                    obj.fail(RuntimeError("the engine returned no result for this file"))
         except BaseException as exc:  # noqa: BLE001 - the whole job failed: every unfinished object says so
             self.rt.interrupts.armed = False  # a second SIGTERM must not interrupt the cleanup
             for obj in self.objects:
