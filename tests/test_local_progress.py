@@ -120,3 +120,16 @@ def test_skips_and_dead_letters_are_final(progress, lines):
     assert progress.final["audio/notes.txt"].detail == {"reason": "unsupported_extension"}
     assert said(lines, "duplicate", "audio/a.wav") and "audio/a.wav" not in progress.final
     assert said(lines, "submitter", "audio/b.wav") and progress.final["audio/b.wav"].status == "skipped"
+
+
+def test_a_job_running_before_its_outcome_still_prints_queued_first(s3, progress, lines):
+    """LocalBatch may start a job before the submitter reports its outcomes (they follow SubmitJob)."""
+    import time
+
+    progress.on_job_event("running", job("j9", f"s3://{BUCKET}/audio/early.wav") | {"createdAt": time.time()})
+    assert not said(lines, "running", "audio/early.wav")
+    progress.on_outcome(Outcome(ObjectRef(BUCKET, "audio/early.wav", "ee"), "submitted", job_id="j9", job_name="x"))
+    assert [line.split()[0] for line in lines] == ["queued", "running"]
+    # a job resumed after a restart (created before this session) gets no outcome: it says running at once
+    progress.on_job_event("running", job("j0", f"s3://{BUCKET}/audio/old.wav") | {"createdAt": 1.0})
+    assert said(lines, "running", "audio/old.wav")

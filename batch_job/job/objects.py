@@ -79,10 +79,11 @@ def classify(exc: BaseException, interrupts: Interrupts) -> tuple[WhisperBatchEr
 
 
 def _local_name(key: str) -> str:
-    """A safe local file name keeping the key's extension (decoders may look at it)."""
-    suffix = PurePosixPath(key).suffix
-    safe = "".join(c for c in suffix if c.isascii() and (c.isalnum() or c == "."))[:16]
-    return "input" + (safe if len(safe) > 1 else "")
+    """A safe local file name: the key's base name (error messages then name the file), the
+    extension kept (decoders may look at it), anything but ASCII letters, digits, ``._-`` replaced."""
+    name = PurePosixPath(key).name
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in name)[-100:]
+    return safe.lstrip(".") or "input"
 
 
 class ObjectJob:

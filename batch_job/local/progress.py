@@ -64,6 +64,11 @@ class Progress:
         self._lock = threading.Lock()
         self._running: dict[str, _RunningJob] = {}
         self._pack_cache: dict[tuple[str, int | None], dict[str, str]] = {}
+        # A job may start before the submitter reports its outcomes (they follow SubmitJob):
+        # its "running" lines wait for the file's "queued" line. job id -> {key: detail}.
+        self._announced: set[tuple[str, str]] = set()  # (job id, key) reported queued
+        self._early_running: dict[str, dict[str, str]] = {}
+        self._since = time.time()  # jobs created before this (resumed after a restart) get no outcome
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -76,6 +81,11 @@ class Progress:
         if outcome.status == "submitted":
             pack = f", pack {outcome.manifest.rsplit('/', 1)[-1]}" if outcome.manifest else ""
             self.say("queued", obj.key, f"job {outcome.job_name} ({str(outcome.job_id)[:8]}{pack})")
+            with self._lock:
+                self._announced.add((str(outcome.job_id), obj.key))
+                early = self._early_running.get(str(outcome.job_id), {}).pop(obj.key, None)
+            if early is not None:
+                self.say("running", obj.key, early)
         elif outcome.status == "duplicate":
             self.say("duplicate", obj.key, f"same bytes already submitted (job {outcome.job_name}); no new job")
         elif outcome.status == "skipped":
@@ -96,10 +106,14 @@ class Progress:
         keys = self.keys_of(job)
         attempts = job.get("attempts") or 0
         if kind == "running":
+            detail = f"attempt {attempts}/3" + (f", pack of {len(keys)}" if len(keys) > 1 else "")
             with self._lock:
                 self._running[job["jobId"]] = _RunningJob(time.monotonic(), keys, set())
-            for key in keys:
-                self.say("running", key, f"attempt {attempts}/3" + (f", pack of {len(keys)}" if len(keys) > 1 else ""))
+                resumed = float(job.get("createdAt") or self._since) < self._since
+                now = [k for k in keys if resumed or attempts > 1 or (job["jobId"], k) in self._announced]
+                self._early_running[job["jobId"]] = {k: detail for k in keys if k not in now}
+            for key in now:
+                self.say("running", key, detail)
             return
         with self._lock:
             running = self._running.pop(job["jobId"], None)
