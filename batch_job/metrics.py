@@ -49,23 +49,42 @@ class JobMetrics:
         self.metrics.append(Metric(name, float(value), unit, tuple(tuple(d) for d in dimension_sets)))
 
 
-def job_metrics(settings, *, succeeded: bool, reason: str | None = None,
-                figures: Mapping[str, Any] | None = None,
-                properties: Mapping[str, Any] | None = None) -> JobMetrics:
-    """Build the standard per-job metrics from the job's figures (see ``batch_job.job``)."""
+#: (figure, metric name, unit) of one object's document; figures absent from a job are skipped.
+OBJECT_FIGURES = (
+    ("audio_seconds", "AudioSeconds", "Seconds"),
+    ("processing_seconds", "ProcessingSeconds", "Seconds"),
+    ("real_time_factor", "RealTimeFactor", "None"),
+    ("model_load_seconds", "ModelLoadSeconds", "Seconds"),
+    ("neuroncore_utilization_avg", "NeuronCoreUtilization", "Percent"),
+    ("neuroncore_utilization_peak", "NeuronCoreUtilizationPeak", "Percent"),
+)
+#: The same for a pack job's one document: objects in the pack, audio transcribed, wall time
+#: (job start to end, model load and S3 included), audio seconds per wall second, the one load.
+PACK_FIGURES = (
+    ("objects", "PackObjects", "Count"),
+    ("audio_seconds", "PackAudioSeconds", "Seconds"),
+    ("wall_seconds", "PackWallSeconds", "Seconds"),
+    ("throughput", "PackThroughput", "None"),
+    ("model_load_seconds", "ModelLoadSeconds", "Seconds"),
+)
+
+
+def _from_figures(settings, table, figures: Mapping[str, Any] | None,
+                  properties: Mapping[str, Any] | None) -> JobMetrics:
     m = JobMetrics(service=settings.metrics_service, namespace=settings.metrics_namespace,
                    properties=dict(properties or {}))
     f = dict(figures or {})
-    for key, name, unit in (
-        ("audio_seconds", "AudioSeconds", "Seconds"),
-        ("processing_seconds", "ProcessingSeconds", "Seconds"),
-        ("real_time_factor", "RealTimeFactor", "None"),
-        ("model_load_seconds", "ModelLoadSeconds", "Seconds"),
-        ("neuroncore_utilization_avg", "NeuronCoreUtilization", "Percent"),
-        ("neuroncore_utilization_peak", "NeuronCoreUtilizationPeak", "Percent"),
-    ):
+    for key, name, unit in table:
         if f.get(key) is not None:
             m.add(name, f[key], unit)
+    return m
+
+
+def job_metrics(settings, *, succeeded: bool, reason: str | None = None,
+                figures: Mapping[str, Any] | None = None,
+                properties: Mapping[str, Any] | None = None) -> JobMetrics:
+    """One object's metrics from its figures (see :mod:`batch_job.job`), plus JobsSucceeded/JobsFailed."""
+    m = _from_figures(settings, OBJECT_FIGURES, figures, properties)
     if succeeded:
         m.add("JobsSucceeded", 1, "Count")
     else:
@@ -76,24 +95,8 @@ def job_metrics(settings, *, succeeded: bool, reason: str | None = None,
 
 def pack_metrics(settings, *, figures: Mapping[str, Any],
                  properties: Mapping[str, Any] | None = None) -> JobMetrics:
-    """One document per pack job (on top of one per object): what the pack did and how fast.
-
-    ``PackObjects`` (objects in the pack), ``PackAudioSeconds`` (audio transcribed),
-    ``PackWallSeconds`` (job start to end, model load and S3 included), ``PackThroughput``
-    (audio seconds per wall second) and the pack's one ``ModelLoadSeconds``.
-    """
-    m = JobMetrics(service=settings.metrics_service, namespace=settings.metrics_namespace,
-                   properties=dict(properties or {}))
-    for key, name, unit in (
-        ("objects", "PackObjects", "Count"),
-        ("audio_seconds", "PackAudioSeconds", "Seconds"),
-        ("wall_seconds", "PackWallSeconds", "Seconds"),
-        ("throughput", "PackThroughput", "None"),
-        ("model_load_seconds", "ModelLoadSeconds", "Seconds"),
-    ):
-        if figures.get(key) is not None:
-            m.add(name, figures[key], unit)
-    return m
+    """A pack job's one document (on top of one per object): :data:`PACK_FIGURES`."""
+    return _from_figures(settings, PACK_FIGURES, figures, properties)
 
 
 def emf_document(m: JobMetrics) -> dict[str, Any]:
