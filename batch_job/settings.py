@@ -37,7 +37,7 @@ class Settings:
 
     # --- model and engine -------------------------------------------------
     model: str = "tiny.en"
-    """Model: ``tiny.en``, ``base``, a transformers checkpoint directory or a hub id (image build)."""
+    """Model: ``tiny.en``, ``base``, a transformers checkpoint or CTranslate2 (faster-whisper) directory, or a hub id (image build)."""
     device: str = "auto"
     """``auto`` (neuron if present, else cuda, else cpu), ``cpu``, ``cuda`` or ``neuron``."""
     batch_size: int = 8

@@ -193,3 +193,38 @@ def test_sot_sequence(model_cache_dir):
     assert loaded.sot_sequence("fr", task="translate")[-2:] == [loaded.translate, loaded.no_timestamps]
     with pytest.raises(ModelError, match="language"):
         loaded.sot_sequence(None)
+
+
+def test_ctranslate2_directory_is_a_model(tmp_path, model_cache_dir, tiny_transcriber, tiny_settings):
+    """A faster-whisper (CTranslate2) model directory works as --model DIR: converted once, and the
+    packaged tiny.en directory given that way transcribes exactly as --model tiny.en."""
+    from batch_job.transcribe import Transcriber
+    from tests.conftest import load_clip
+
+    source = models.packaged_source_files(models.PACKAGED_MODELS["tiny.en"])[0].parent
+    ct2 = tmp_path / "faster-whisper-tiny.en"
+    ct2.mkdir()
+    for f in source.iterdir():
+        (ct2 / f.name).symlink_to(f)
+    assert models.is_ct2_dir(ct2) and not models.is_ct2_dir(models.resolve_checkpoint("tiny.en", model_cache_dir))
+
+    out = models.resolve_checkpoint(str(ct2), model_cache_dir)
+    assert out.name.startswith("ct2-faster-whisper-tiny.en-") and (out / "config.json").is_file()
+    assert models.weights_checksum(out) == models.weights_checksum(models.resolve_checkpoint("tiny.en", model_cache_dir))
+    stamp = (out / "config.json").stat().st_mtime_ns
+    assert models.resolve_checkpoint(str(ct2), model_cache_dir) == out  # converted once, then reused
+    assert (out / "config.json").stat().st_mtime_ns == stamp
+
+    from_dir = Transcriber.load(tiny_settings.replace(model=str(ct2)))
+    for clip in ("jfk.flac", "librispeech_61-70968-0000.flac"):
+        audio = load_clip(clip)
+        assert from_dir.transcribe(audio).segments == tiny_transcriber.transcribe(audio).segments
+
+
+def test_broken_ctranslate2_directory_is_a_clear_model_error(tmp_path):
+    bad = tmp_path / "not-whisper"
+    bad.mkdir()
+    (bad / "model.bin").write_bytes(b"\0" * 100)
+    (bad / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="not a usable CTranslate2 Whisper model.*no tokenizer.json"):
+        models.resolve_checkpoint(str(bad), tmp_path / "cache")
