@@ -150,7 +150,7 @@ sys.exit(f"not at the floor: {bad}" if bad else 0)
 EOF
 
 step "S3-facing tests at the floors"
-tests=(tests/test_job.py tests/test_job_sigterm.py tests/test_metrics.py)
+tests=(tests/test_job.py tests/test_job_pack.py tests/test_job_sigterm.py tests/test_metrics.py tests/test_local_progress.py)
 case " $EXTRAS " in
   *" submitter "*) tests+=(tests/test_submitter.py tests/test_submitter_units.py tests/test_submitter_bulk.py) ;;
 esac

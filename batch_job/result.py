@@ -36,3 +36,12 @@ class Transcript:
         d = asdict(self)
         d["segments"] = [asdict(s) for s in self.segments]
         return d
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """Outcome for one input of ``Transcriber.transcribe_many``: a transcript or an error."""
+
+    name: str
+    transcript: Transcript | None
+    error: BaseException | None

@@ -27,7 +27,7 @@ import numpy as np
 
 from batch_job.audio import SAMPLE_RATE
 from batch_job.decoding import DecodingOptions, DecodingResult, compression_ratio
-from batch_job.result import Segment, Transcript
+from batch_job.result import FileResult, Segment, Transcript
 from batch_job.segment import EncoderWindow, group_to_fill, join_windows
 from batch_job.settings import Settings
 
@@ -83,15 +83,6 @@ class _FileState:
     languages: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     error: BaseException | None = None
-
-
-@dataclass(frozen=True)
-class FileResult:
-    """Outcome for one input of :meth:`Transcriber.transcribe_many`: a transcript or an error."""
-
-    name: str
-    transcript: Transcript | None
-    error: BaseException | None
 
 
 class Transcriber:

@@ -146,7 +146,7 @@ class StandIn:
                           segments=(Segment(0.0, min(duration, 1.0), self.text),), model=self.model_name, task=task)
 
     def transcribe_many(self, inputs, *, language=None, task="transcribe", on_window=None):
-        from batch_job.transcribe import FileResult
+        from batch_job.result import FileResult
 
         for name, audio in inputs:
             yield FileResult(name, self.transcribe(audio, language=language, task=task, on_window=on_window), None)

@@ -66,7 +66,7 @@ SLOW_JOB = textwrap.dedent("""\
     import sys, time
     from batch_job import cli
     from batch_job.job import pack
-    from batch_job.transcribe import FileResult
+    from batch_job.result import FileResult
 
     class Slow:
         model_name = "slow-stand-in"

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from itertools import chain
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 
@@ -39,11 +39,9 @@ from batch_job.job.log import JsonLog
 from batch_job.job.objects import ObjectJob, Runtime, emit
 from batch_job.job.signals import Interrupts, signal_handlers
 from batch_job.neuron_monitor import NeuronMonitorSampler
+from batch_job.result import FileResult
 from batch_job.settings import Settings
 from batch_job.writers import FORMATS
-
-if TYPE_CHECKING:  # pragma: no cover - the engine (torch) loads only when there is work
-    from batch_job.transcribe import FileResult
 
 #: Seconds between progress log lines while decoding.
 PROGRESS_LOG_INTERVAL = 10.0
