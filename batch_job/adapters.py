@@ -36,14 +36,9 @@ def resolve_adapter(path: Path, cache_dir: Path, resolve_base: Callable[[str], P
                     checksum: Callable[[Path], str]) -> Path:
     """The merged checkpoint of adapter ``path``; ``resolve_base`` resolves the base's name
     (:func:`batch_job.models.resolve_checkpoint`), ``checksum`` hashes its weights."""
-    config = _read_config(path)
-    base_ref = config.get("base_model_name_or_path")
-    if not base_ref:
-        raise ModelError(f"{path / ADAPTER_CONFIG} names no base_model_name_or_path: which Whisper does it adapt?")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ModelError(f"{path}: only LoRA adapters can be merged, not {config.get('peft_type')}")
+    base_ref = base_reference(path)
     try:
-        base = resolve_base(_base_name(str(base_ref), path))
+        base = resolve_base(base_ref)
     except ModelError as exc:
         raise ModelError(f"cannot find the base model {base_ref!r} of adapter {path}: {exc}") from None
     base_type = json.loads((base / "config.json").read_text(encoding="utf-8")).get("model_type")
@@ -57,6 +52,17 @@ def resolve_adapter(path: Path, cache_dir: Path, resolve_base: Callable[[str], P
         _merge(path, base, out, provenance={"adapter": str(path.resolve()), "base": str(base_ref),
                                             "base_dir": str(base), "key_sha256": key})
     return out
+
+
+def base_reference(path: Path) -> str:
+    """The ``--model`` value of adapter ``path``'s base (a relative directory made absolute)."""
+    config = _read_config(path)
+    base_ref = config.get("base_model_name_or_path")
+    if not base_ref:
+        raise ModelError(f"{path / ADAPTER_CONFIG} names no base_model_name_or_path: which Whisper does it adapt?")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"{path}: only LoRA adapters can be merged, not {config.get('peft_type')}")
+    return _base_name(str(base_ref), path)
 
 
 def _read_config(path: Path) -> dict:

@@ -94,3 +94,11 @@ def test_adapter_errors_are_clear(adapter_and_reference, tmp_path):
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ModelError, match="is not a Whisper model"):
         models.resolve_checkpoint(variant("on-bert", base_model_name_or_path=str(bert)), tmp_path / "c")
+
+
+def test_image_build_fetch_merges_an_adapter(adapter_and_reference, model_cache_dir):
+    """The image build's fetch_model: an adapter directory has its base fetched, then is merged."""
+    from batch_job.neuron.compile import fetch_model
+
+    adapter, _ = adapter_and_reference
+    assert fetch_model(str(adapter), str(model_cache_dir)) == models.resolve_checkpoint(str(adapter), model_cache_dir)

