@@ -34,6 +34,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from batch_job.constants import SAMPLE_RATE  # re-exported: load_audio's output rate
 from batch_job.errors import (
     AudioError,
     CorruptAudioError,
@@ -44,8 +45,6 @@ from batch_job.errors import (
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
-"""Output sample rate (Hz) of :func:`load_audio`: what Whisper's feature extractor expects."""
 
 BLOCK_SECONDS = 1.0
 """Source audio decoded per block. Small blocks bound memory and lose little on a truncated tail."""

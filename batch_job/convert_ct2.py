@@ -37,6 +37,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from batch_job.constants import CHUNK_SECONDS, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from batch_job.errors import ModelError
 
 CONVERTER_VERSION = 1
@@ -409,12 +410,12 @@ def feature_extractor_config(n_mels: int) -> dict:
         "feature_extractor_type": "WhisperFeatureExtractor",
         "processor_class": "WhisperProcessor",
         "feature_size": n_mels,
-        "sampling_rate": 16000,
-        "hop_length": 160,
-        "chunk_length": 30,
-        "n_fft": 400,
-        "n_samples": 480000,
-        "nb_max_frames": 3000,
+        "sampling_rate": SAMPLE_RATE,
+        "hop_length": HOP_LENGTH,
+        "chunk_length": CHUNK_SECONDS,
+        "n_fft": N_FFT,
+        "n_samples": N_SAMPLES,
+        "nb_max_frames": N_FRAMES,
         "padding_side": "right",
         "padding_value": 0.0,
         "return_attention_mask": False,

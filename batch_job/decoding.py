@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from batch_job.constants import SECONDS_PER_TIMESTAMP
 from batch_job.inference import Inference
 
 
@@ -216,7 +217,7 @@ def decode_batch(
     if not options.without_timestamps:
         max_initial = None
         if options.max_initial_timestamp is not None:
-            max_initial = round(options.max_initial_timestamp / 0.02)
+            max_initial = round(options.max_initial_timestamp / SECONDS_PER_TIMESTAMP)
         filters.append(ApplyTimestampRules(tokens, max_initial))
 
     temps = torch.tensor(list(temperatures) if temperatures is not None else [options.temperature] * n_rows, dtype=torch.float32)

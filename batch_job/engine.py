@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from batch_job import graph_cache
-from batch_job.audio import SAMPLE_RATE
+from batch_job.constants import N_SAMPLES as WINDOW_SAMPLES
+from batch_job.constants import PROMPT_SLOTS, static_cache_len
 from batch_job.decoding import DecodingOptions, DecodingResult, SpecialTokens, decode_batch
 from batch_job.errors import ModelError
 from batch_job.graph_cache import BucketGraphs, MelFrontend, ModelBundle, ModelDims, TokenizerText
@@ -38,8 +39,6 @@ from batch_job.settings import Settings, usable_cores
 
 log = logging.getLogger(__name__)
 
-WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's fixed 30 s input
-PROMPT_SLOTS = 4  # <|sot|> <|lang|> <|task|> (+ <|notimestamps|>)
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -95,11 +94,6 @@ class LazyTracedStep:
         return self.traced(*args)
 
 
-def engine_cache_len(max_target_positions: int, max_new_tokens: int) -> int:
-    """Static self-attention cache slots: prompt + ``max_new_tokens``, capped by the model's positions."""
-    return min(int(max_target_positions), int(max_new_tokens) + PROMPT_SLOTS)
-
-
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -141,7 +135,7 @@ def model_bundle(loaded, settings: Settings, device: str) -> ModelBundle:
     from batch_job.inference import CastEncoder, DecoderStepGraph, EncoderGraph, StackedCacheStep
 
     config = loaded.model.config
-    dims = ModelDims.from_config(config, engine_cache_len(config.max_target_positions, settings.max_new_tokens))
+    dims = ModelDims.from_config(config, static_cache_len(config.max_target_positions, settings.max_new_tokens))
     torch_device = torch.device("cuda" if device == "cuda" else "cpu")
     model = loaded.model.to(torch_device, dtype=torch.float32).eval()
     encoder = EncoderGraph(model).eval()
@@ -409,7 +403,7 @@ class _CacheSlot:
             log.debug("graph cache: no key for %s (%s)", settings.model, exc)
             return None
         buckets = batch_buckets(settings.batch_size)
-        key = graph_cache.cache_key(_key_fields(settings, checksum, engine_cache_len(max_positions, settings.max_new_tokens), buckets))
+        key = graph_cache.cache_key(_key_fields(settings, checksum, static_cache_len(max_positions, settings.max_new_tokens), buckets))
         root = graph_cache.cache_root(settings.cache_dir)
         return cls(root, key, buckets, (root / key).exists())
 

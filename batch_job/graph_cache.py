@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from batch_job.constants import N_AUDIO_CTX
 from batch_job.decoding import SpecialTokens
 from batch_job.neuron.manifest import MANIFEST_NAME, package_versions, write_manifest
 
@@ -271,9 +272,9 @@ def trace_cpu_graphs(encoder: Any, step: Any, dims: ModelDims, buckets: Sequence
 
     import torch
 
-    from batch_job.inference import N_FRAMES
+    from batch_job.constants import N_FRAMES
 
-    cross = lambda b: torch.zeros(dims.layers, b, dims.heads, 1500, dims.head_dim)  # noqa: E731
+    cross = lambda b: torch.zeros(dims.layers, b, dims.heads, N_AUDIO_CTX, dims.head_dim)  # noqa: E731
     cache = lambda b: torch.zeros(dims.layers, b, dims.heads, dims.cache_len, dims.head_dim)  # noqa: E731
     wrapper = _bucket_steps_class()(step).eval()
     methods = {}

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-N_FRAMES = 3000  # 30 s of 10 ms mel frames: Whisper's fixed encoder input
-SOURCE_POSITIONS = 1500  # encoder output positions (N_FRAMES / 2, after the stride-2 conv)
+from batch_job.constants import N_AUDIO_CTX as SOURCE_POSITIONS
+
 MASKED = torch.finfo(torch.float32).min
 """Score of a masked cache slot: the float32 minimum, not ``-inf`` (``-inf`` under auto-cast
 risks NaN on NeuronCore-v2; the minimum gives exactly 0 after the float32 softmax)."""

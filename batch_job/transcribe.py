@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from batch_job.audio import SAMPLE_RATE
+from batch_job.constants import CHUNK_SECONDS, SECONDS_PER_TIMESTAMP
 from batch_job.decoding import DecodingOptions, DecodingResult, compression_ratio
 from batch_job.result import FileResult, Segment, Transcript
 from batch_job.segment import EncoderWindow, group_to_fill, join_windows
@@ -36,10 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-SECONDS_PER_TIMESTAMP = 0.02
 NO_SPACE_LANGUAGES = frozenset({"ja", "zh", "yue", "th", "lo", "my"})
-WINDOW_SECONDS = 30
-"""Whisper's fixed input length: no encoder window holds more audio than this."""
+WINDOW_SECONDS = CHUNK_SECONDS
 PAUSE_SECONDS = 0.6
 """Pauses at least this long split speech into pieces that are then packed into windows."""
 PACK_GAP_SECONDS = 0.4

@@ -97,7 +97,9 @@ def graph_shapes(dims: Any, batch_size: int, cache_len: int, dtype: str = DEFAUL
     ``dims`` has ``layers``, ``heads``, ``head_dim``, ``n_mels`` and ``vocab_size``
     (:class:`~batch_job.graph_cache.ModelDims`).
     """
-    from batch_job.inference import N_FRAMES, SOURCE_POSITIONS, STATE_KINDS
+    from batch_job.constants import N_AUDIO_CTX as SOURCE_POSITIONS
+    from batch_job.constants import N_FRAMES
+    from batch_job.inference import STATE_KINDS
 
     L, H, Dh, B = int(dims.layers), int(dims.heads), int(dims.head_dim), int(batch_size)
 
@@ -164,7 +166,8 @@ def build_graphs(loaded, batch_size: int, cache_len: int, dtype: str = DEFAULT_D
 
     import torch
 
-    from batch_job.inference import N_FRAMES, DecoderStepGraph, EncoderGraph, StatefulDecoderStep, cast_for_inference
+    from batch_job.constants import N_FRAMES
+    from batch_job.inference import DecoderStepGraph, EncoderGraph, StatefulDecoderStep, cast_for_inference
 
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -272,7 +275,8 @@ def compile_model(
     import torch
 
     from batch_job import __version__
-    from batch_job.engine import PROMPT_SLOTS, engine_cache_len, special_tokens
+    from batch_job.constants import PROMPT_SLOTS, static_cache_len
+    from batch_job.engine import special_tokens
     from batch_job.graph_cache import MelFrontend, ModelDims, write_side_data
     from batch_job.neuron.manifest import FORMAT, MANIFEST_NAME, package_versions, write_manifest
 
@@ -288,7 +292,7 @@ def compile_model(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # incomplete until the new manifest is written
     config = loaded.model.config
-    cache_len = engine_cache_len(config.max_target_positions, max_new_tokens)
+    cache_len = static_cache_len(config.max_target_positions, max_new_tokens)
     dims = ModelDims.from_config(config, cache_len)
     side = write_side_data(out, tokens=special_tokens(loaded), dims=dims,
                            mel=MelFrontend.from_feature_extractor(loaded.feature_extractor),
@@ -417,7 +421,7 @@ def register(subparsers: Any) -> None:
 
 def _command(args: argparse.Namespace) -> int:
     from batch_job import exit_codes
-    from batch_job.engine import engine_cache_len
+    from batch_job.constants import static_cache_len
     from batch_job.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -437,7 +441,7 @@ def _command(args: argparse.Namespace) -> int:
         except ModelError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exit_codes.CONFIG_ERROR
-        cache_len = engine_cache_len(dims.max_target_positions, settings.max_new_tokens)
+        cache_len = static_cache_len(dims.max_target_positions, settings.max_new_tokens)
         print(plan.format_plan(plan.plan(dims, sizes, cache_len, dtype=args.dtype)))
         return exit_codes.OK
     if not args.out:

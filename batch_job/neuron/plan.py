@@ -24,6 +24,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from batch_job.constants import CHUNK_SECONDS as WINDOW_SECONDS
+from batch_job.constants import N_FRAMES, SAMPLE_RATE
 from batch_job.errors import ModelError
 
 # ----------------------------------------------------------------------------------- constants
@@ -33,7 +35,6 @@ DEVICE_BYTES_PER_CORE_LIMIT = 13 * GIB  # planning budget: headroom for the runt
 HOST_BYTES_PER_JOB_LIMIT = 7168 * MIB  # Batch job definitions' MEMORY (template.yaml; a test keeps them equal)
 HOST_BASELINE_BYTES = 1 * GIB  # ASSUMPTION: Python + torch + torch-neuronx + tokenizer + feature extractor
 AUDIO_DECODE_ALLOWANCE_BYTES = 64 * MIB  # ASSUMPTION: decode/resample buffers beyond the batch's audio
-SAMPLE_RATE, WINDOW_SECONDS, N_FRAMES = 16000, 30, 3000
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LAYER_NORM_BYTES = 4  # LayerNorm weights/biases kept float32 even when D is bf16
 SOFTMAX_BYTES = 4  # attention scores/probabilities computed in float32

@@ -111,7 +111,7 @@ def load_bundle(settings: Any, *, batch_sizes: Sequence[int] | None = None) -> A
     """
     import torch
 
-    from batch_job.engine import engine_cache_len
+    from batch_job.constants import static_cache_len
     from batch_job.graph_cache import ModelBundle, read_side_data
     from batch_job.neuron.compile import NEURON_HINT, graph_shapes
     from batch_job.neuron.manifest import check_manifest, read_manifest
@@ -126,7 +126,7 @@ def load_bundle(settings: Any, *, batch_sizes: Sequence[int] | None = None) -> A
         tokens, dims, mel, text = read_side_data(root, manifest)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{root}: the side data next to the graphs is unusable ({exc}); recompile") from exc
-    cache_len = engine_cache_len(dims.max_target_positions, settings.max_new_tokens)
+    cache_len = static_cache_len(dims.max_target_positions, settings.max_new_tokens)
     dtype = manifest["dtype"]
     sizes = sorted(int(b) for b in manifest["batch_sizes"])
     check_manifest(

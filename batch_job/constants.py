@@ -1,0 +1,31 @@
+"""Whisper's fixed numbers, in one place (as openai/whisper's ``audio.py`` keeps them).
+
+Every Whisper checkpoint shares them: 16 kHz audio, 30 s encoder windows of 3000 mel frames
+(10 ms hop), 1500 encoder positions after the stride-2 convolution, timestamp tokens 20 ms apart.
+Light on purpose (no imports): the audio front end, the graphs, the decoding loop, the Neuron
+compiler and the conversion all read them from here.
+"""
+
+SAMPLE_RATE = 16000
+"""Hz: what the feature extractor expects."""
+N_FFT = 400
+"""STFT window (25 ms)."""
+HOP_LENGTH = 160
+"""STFT hop (10 ms): one mel frame."""
+CHUNK_SECONDS = 30
+"""Whisper's fixed input length: no encoder window holds more audio than this."""
+N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE
+"""480000 samples in one window."""
+N_FRAMES = N_SAMPLES // HOP_LENGTH
+"""3000 mel frames in one window: the encoder's fixed input length."""
+N_AUDIO_CTX = N_FRAMES // 2
+"""1500 encoder output positions (after the stride-2 convolution)."""
+SECONDS_PER_TIMESTAMP = 0.02
+"""Resolution of the timestamp tokens ``<|0.00|>`` .. ``<|30.00|>``."""
+PROMPT_SLOTS = 4
+"""Decoder prompt tokens at most: ``<|sot|> <|lang|> <|task|>`` (+ ``<|notimestamps|>``)."""
+
+
+def static_cache_len(max_target_positions: int, max_new_tokens: int) -> int:
+    """Static self-attention cache slots: the prompt + ``max_new_tokens``, capped by the model's positions."""
+    return min(int(max_target_positions), int(max_new_tokens) + PROMPT_SLOTS)
