@@ -29,7 +29,6 @@ import re
 import shutil
 import struct
 import tempfile
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 
 from batch_job.constants import CHUNK_SECONDS, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from batch_job.errors import ModelError
+from batch_job.fsutil import atomic_write_text
 
 CONVERTER_VERSION = 1
 """Bumped when the produced checkpoint changes; part of ``source.json``."""
@@ -642,13 +642,7 @@ def write_checksum_file(weights: Path, sha256: str) -> None:
     """Record ``sha256`` of ``weights`` keyed by its size and mtime (stale when either changes)."""
     stat = weights.stat()
     record = {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    _atomic_write_text(checksum_file_for(weights), json.dumps(record) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(checksum_file_for(weights), json.dumps(record) + "\n")
 
 
 def publish_dir(tmp: Path, out_dir: Path) -> None:

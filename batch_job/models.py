@@ -22,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ from batch_job.convert_ct2 import (
     write_checksum_file,
 )
 from batch_job.errors import ModelError
+from batch_job.fsutil import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -175,7 +174,7 @@ def _resolve_ct2(name: str, files: Sequence[Path], cache_dir: Path) -> Path:
     out = cache_dir / f"{name}-{sha[:_SHA_PREFIX]}"
     if not (out / "config.json").is_file():
         convert_ct2_whisper(files, out, name=name, source_sha256=sha)
-    _write_json_atomic(index_path, {"fingerprint": fingerprint, "sha256": sha})
+    atomic_write_text(index_path, json.dumps({"fingerprint": fingerprint, "sha256": sha}) + "\n")
     return out
 
 
@@ -197,13 +196,6 @@ def _cached_source_sha(index_path: Path, fingerprint: list[list[Any]]) -> str | 
         return None
     sha = record.get("sha256")
     return sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else None
-
-
-def _write_json_atomic(path: Path, content: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(content) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _resolve_hub_id(name: str) -> Path:

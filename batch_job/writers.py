@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from batch_job.fsutil import atomic_write_text
 from batch_job.result import Segment, Transcript
 
 FORMATS = ("json", "txt", "srt", "vtt")
@@ -64,7 +64,7 @@ def write_outputs(
     written = []
     for fmt, text in texts:
         path = base / f"{stem}.{fmt}"
-        _atomic_write(path, text)
+        atomic_write_text(path, text)
         written.append(path)
     return written
 
@@ -179,20 +179,3 @@ def _ordered_formats(formats: Iterable[str]) -> list[str]:
         wanted.remove("json")
         wanted.append("json")
     return wanted
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

@@ -26,7 +26,6 @@ mode, interactive, at most a few).
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
 
+from batch_job.fsutil import atomic_write_text
 from batch_job.local import REGION
 
 #: Messages per invocation: the stack's default SubmitterBatchSize (tests/test_template.py checks).
@@ -144,9 +144,7 @@ class Watcher:
             self.seen = set()
 
     def _save(self) -> None:
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        tmp.write_text(json.dumps({"delivered": sorted(self.seen)}, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, self.state_path)
+        atomic_write_text(self.state_path, json.dumps({"delivered": sorted(self.seen)}, ensure_ascii=False))
 
     # ---------------------------------------------------------------- polling
     def list_new(self) -> list[dict]:

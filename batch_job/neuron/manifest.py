@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from batch_job.errors import ModelError
+from batch_job.fsutil import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 2
@@ -65,13 +65,7 @@ def package_versions(names: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str
 
 def write_manifest(out_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
     """Write ``out_dir/manifest.json`` atomically (written last: its presence marks a complete compile)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / MANIFEST_NAME
-    tmp = out / f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps(dict(manifest), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(out_dir) / MANIFEST_NAME, json.dumps(dict(manifest), indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(compiled_dir: str | os.PathLike[str]) -> dict[str, Any]:
