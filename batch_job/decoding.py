@@ -181,20 +181,17 @@ def decode_batch(
     *,
     n_rows: int,
     batch_size: int,
-    languages: Sequence[str | None] | None = None,
     temperatures: Sequence[float] | None = None,
 ) -> list[DecodingResult]:
     """Decode the batch that ``inference`` was just started on; return the first ``n_rows`` results.
 
     Rows ``n_rows..batch_size-1`` are padding: they run (fixed shapes) but start finished.
-    ``languages`` gives a per-row language (``None`` = detect); defaults to ``options.language``.
     ``temperatures`` gives a per-row temperature (0 = greedy); defaults to ``options.temperature``.
     Uses ``max_new_tokens + prompt length`` cache slots, which must fit the inference's cache.
     """
     device = torch.device("cpu")
     B = batch_size
-    langs_in: list[str | None] = list(languages) if languages is not None else [options.language] * n_rows
-    langs_in += [langs_in[0] if langs_in else None] * (B - len(langs_in))
+    langs_in: list[str | None] = [options.language] * B  # None: detected per row
 
     # ---- step 0: <|startoftranscript|> -> language detection and no-speech probability
     sot = torch.full((B, 1), tokens.sot, dtype=torch.long)

@@ -212,14 +212,6 @@ class Engine:
             self._loaded = load_model(self.settings.model, cache_dir=self.settings.cache_dir)
         return self._loaded
 
-    @property
-    def tokenizer(self):
-        return self.loaded.tokenizer
-
-    @property
-    def feature_extractor(self):
-        return self.loaded.feature_extractor
-
     @classmethod
     def load(cls, settings: Settings) -> Engine:
         """Load ``settings.model`` for ``settings.device``; raises ModelError with a clear reason.

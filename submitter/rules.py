@@ -32,12 +32,6 @@ NOT_FOUND = "not_found"
 #: Not a rule: an S3 event that is not an object creation (e.g. ObjectRemoved), or a test event.
 NOT_OBJECT_CREATED = "not_object_created"
 
-SKIP_REASONS = (
-    UNDER_OUTPUT_PREFIX, OUTSIDE_INPUT_PREFIX, FOLDER_PLACEHOLDER, UNSUPPORTED_EXTENSION,
-    EMPTY_OBJECT, TOO_LARGE, DUPLICATE, NOT_FOUND, NOT_OBJECT_CREATED,
-)
-
-
 def extension(key: str) -> str:
     """Lower-cased extension of the key's basename (``""`` if none): ``a/B.MP3`` -> ``mp3``."""
     base = key.rsplit("/", 1)[-1]
