@@ -36,11 +36,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import write_section  # noqa: E402
 from throughput import ct2_dir_for, error_rates, machine_info, read_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Many short files end to end (packs)"
 SYSTEMS = ("packed", "per-file", "fw")
 LABELS = {
@@ -193,18 +193,6 @@ def render(results: list[dict], clips: list[dict], args: argparse.Namespace, met
     return "\n".join(lines + targets + notes) + "\n"
 
 
-def write_docs(section_body: str) -> None:
-    text = DOCS.read_text(encoding="utf-8")
-    block = f"{SECTION}\n\n{section_body}"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + (text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    DOCS.write_text(text, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -262,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(results, clips, args, meta)
     print(table)
     if args.write_docs:
-        write_docs(table)
+        write_section(SECTION, table)
     return 0 if all("error" not in r for r in results) else 1
 
 

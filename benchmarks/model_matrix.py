@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import write_section  # noqa: E402
 from throughput import error_rates, machine_info, read_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Model x batch size (CPU), and projected inf2 cost"
 
 #: docs/neuron.md, "Expected throughput per NeuronCore": x real time per core (estimate range,
@@ -144,18 +144,6 @@ def _span(low: float, high: float, fmt: str) -> str:
     return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
 
 
-def write_docs(body: str) -> None:
-    text = DOCS.read_text(encoding="utf-8")
-    block = f"{SECTION}\n\n{body}"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + (text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    DOCS.write_text(text, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -191,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(results, clips, args, meta)
     print(table)
     if args.write_docs:
-        write_docs(table)
+        write_section(SECTION, table)
     return 0 if all("error" not in r for r in results) else 1
 
 
