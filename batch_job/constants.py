@@ -24,6 +24,10 @@ SECONDS_PER_TIMESTAMP = 0.02
 """Resolution of the timestamp tokens ``<|0.00|>`` .. ``<|30.00|>``."""
 PROMPT_SLOTS = 4
 """Decoder prompt tokens at most: ``<|sot|> <|lang|> <|task|>`` (+ ``<|notimestamps|>``)."""
+LANGUAGE_TOKEN_PATTERN = r"^<\|[a-z]{2,3}\|>$"
+"""A language token (``<|en|>``, ``<|yue|>``); they lie strictly between ``<|sot|>`` and ``<|translate|>``."""
+MULTILINGUAL_VOCAB_MIN = 51865
+"""openai's rule: English-only vocabularies have 51864 entries, multilingual ones at least 51865."""
 
 
 def static_cache_len(max_target_positions: int, max_new_tokens: int) -> int:

@@ -36,7 +36,16 @@ from typing import BinaryIO
 
 import numpy as np
 
-from batch_job.constants import CHUNK_SECONDS, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from batch_job.constants import (
+    CHUNK_SECONDS,
+    HOP_LENGTH,
+    LANGUAGE_TOKEN_PATTERN,
+    MULTILINGUAL_VOCAB_MIN,
+    N_FFT,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+)
 from batch_job.errors import ModelError
 from batch_job.fsutil import atomic_write_text
 
@@ -304,7 +313,7 @@ class VocabularySpecialIds:
     """``"<|en|>"`` -> id, in vocabulary order."""
 
 
-_LANGUAGE_TOKEN = re.compile(r"^<\|[a-z]{2,3}\|>$")
+_LANGUAGE_TOKEN = re.compile(LANGUAGE_TOKEN_PATTERN)
 _TIMESTAMP_TOKEN = re.compile(r"^<\|(\d+\.\d\d)\|>$")
 
 
@@ -400,8 +409,8 @@ def generation_config(ct2_config: dict, special: VocabularySpecialIds, *, multil
 
 
 def is_multilingual_vocab(vocab_size: int) -> bool:
-    """openai's rule: English-only vocabularies have 51864 entries, multilingual ones >= 51865."""
-    return vocab_size >= 51865
+    """openai's rule (:data:`~batch_job.constants.MULTILINGUAL_VOCAB_MIN`)."""
+    return vocab_size >= MULTILINGUAL_VOCAB_MIN
 
 
 def feature_extractor_config(n_mels: int) -> dict:

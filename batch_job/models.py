@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batch_job.adapters import is_adapter_dir, resolve_adapter
+from batch_job.constants import LANGUAGE_TOKEN_PATTERN
 from batch_job.convert_ct2 import (
     WEIGHTS_NAME,
     CT2Source,
     checksum_file_for,
     convert_ct2_whisper,
     hash_files,
+    is_multilingual_vocab,
     write_checksum_file,
 )
 from batch_job.errors import ModelError
@@ -255,27 +257,6 @@ class LoadedModel:
     language_ids: Mapping[str, int] = field(default_factory=dict)
     """Language code (``"en"``, ``"de"``) -> token id; empty for English-only models."""
 
-    def sot_sequence(
-        self, language: str | None = None, task: str = "transcribe", timestamps: bool = False
-    ) -> list[int]:
-        """The decoder prompt: ``<|sot|> [<|lang|> <|task|>] [<|notimestamps|>]``.
-
-        English-only models take no language/task token. Multilingual models need ``language``
-        (a code from :attr:`language_ids`); raises :class:`ModelError` otherwise.
-        """
-        prompt = [self.sot]
-        if self.is_multilingual:
-            if language not in self.language_ids:
-                raise ModelError(
-                    f"model {self.name!r} needs a language code from {sorted(self.language_ids)}; got {language!r}"
-                )
-            if task not in ("transcribe", "translate"):
-                raise ModelError(f"unknown task {task!r}")
-            prompt += [self.language_ids[language], self.transcribe if task == "transcribe" else self.translate]
-        if not timestamps:
-            prompt.append(self.no_timestamps)
-        return prompt
-
 
 def load_model(
     name_or_path: str,
@@ -354,7 +335,7 @@ def _special_ids(tokenizer: Any, model: Any) -> dict[str, Any]:
     if ids["timestamp_begin"] != ids["no_timestamps"] + 1 or token_id("<|30.00|>") != ids["timestamp_begin"] + 1500:
         raise ModelError("tokenizer timestamp tokens <|0.00|>..<|30.00|> are missing or not contiguous")
     gen = model.generation_config
-    multilingual = bool(getattr(gen, "is_multilingual", vocab_size >= 51865))
+    multilingual = bool(getattr(gen, "is_multilingual", is_multilingual_vocab(vocab_size)))
     languages: dict[str, int] = {}
     if multilingual:
         lang_to_id = getattr(gen, "lang_to_id", None) or _languages_from_tokenizer(tokenizer, ids)
@@ -365,7 +346,7 @@ def _special_ids(tokenizer: Any, model: Any) -> dict[str, Any]:
 def _languages_from_tokenizer(tokenizer: Any, ids: Mapping[str, int]) -> dict[str, int]:
     """Language tokens are the ``<|xx|>`` special tokens strictly between sot and translate."""
     vocab = tokenizer.get_vocab()
-    pattern = re.compile(r"^<\|[a-z]{2,3}\|>$")
+    pattern = re.compile(LANGUAGE_TOKEN_PATTERN)
     return {tok: i for tok, i in vocab.items() if ids["sot"] < i < ids["translate"] and pattern.match(tok)}
 
 

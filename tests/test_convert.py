@@ -147,11 +147,20 @@ def _ct2_greedy(model: ctranslate2.models.Whisper, encoded, prompt: list[int]) -
     return list(result[0].sequences_ids[0])
 
 
+def decoder_prompt(loaded, language: str | None, *, timestamps: bool = False) -> list[int]:
+    """The engine's own prompt (decoding.build_prompt) for one row: what the CT2 reference is given."""
+    from batch_job.decoding import DecodingOptions, build_prompt
+    from batch_job.engine import special_tokens
+
+    options = DecodingOptions(language=language, without_timestamps=not timestamps)
+    return build_prompt(special_tokens(loaded), options, [language or "en"])[0].tolist()
+
+
 def _assert_same_tokens(memo, loaded, ct2_model, clip: str, language: str | None) -> None:
     """Full greedy sequences equal, without and with timestamps."""
     _, hf_encoded, ct2_encoded = _encode(memo, loaded, ct2_model, clip)
     for timestamps in (False, True):
-        prompt = loaded.sot_sequence(language, timestamps=timestamps)
+        prompt = decoder_prompt(loaded, language, timestamps=timestamps)
         expected = _ct2_greedy(ct2_model, ct2_encoded, prompt)
         got = _hf_greedy(loaded, hf_encoded, prompt, timestamps)
         assert len(expected) > 5, "reference decoded (almost) nothing; bad clip?"
@@ -191,7 +200,7 @@ def test_hf_generate_uses_generation_config(tiny_en, base, ct2_tiny_en, ct2_base
     cases = ((tiny_en, ct2_tiny_en, "jfk.flac", None), (base, ct2_base, "picovoice_test_de.wav", "de"))
     for loaded, ct2_model, clip, language in cases:
         features, _, ct2_encoded = _encode(encoded_clips, loaded, ct2_model, clip)
-        expected = _ct2_greedy(ct2_model, ct2_encoded, loaded.sot_sequence(language))
+        expected = _ct2_greedy(ct2_model, ct2_encoded, decoder_prompt(loaded, language))
         kwargs = {"language": language, "task": "transcribe"} if language else {}
         with torch.inference_mode():
             out = loaded.model.generate(torch.from_numpy(features), return_timestamps=False, **kwargs)

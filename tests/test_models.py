@@ -152,7 +152,7 @@ def test_directory_checkpoint_resolves_and_loads(random_checkpoint, tmp_path):
     # saved-and-reloaded tokenizer keeps the timestamp tokens
     assert loaded.timestamp_begin == loaded.no_timestamps + 1 == 50363
     assert loaded.tokenizer.convert_tokens_to_ids("<|30.00|>") == loaded.timestamp_begin + 1500
-    assert not loaded.is_multilingual and loaded.sot_sequence() == [loaded.sot, loaded.no_timestamps]
+    assert not loaded.is_multilingual and not loaded.language_ids
 
 
 def test_checksum_cache_is_invalidated_when_weights_change(random_checkpoint, tmp_path):
@@ -186,13 +186,17 @@ def test_load_tiny_en_is_fast_and_frozen(tiny_en_dir, model_cache_dir):
         loaded.name = "other"  # type: ignore[misc]
 
 
-def test_sot_sequence(model_cache_dir):
+def test_decoder_prompt_of_a_multilingual_model(model_cache_dir):
+    from batch_job.decoding import DecodingOptions, build_prompt
+    from batch_job.engine import special_tokens
+
     _packaged_or_skip("base")
     loaded = models.load_model("base", cache_dir=model_cache_dir, dtype="float32")
-    assert loaded.sot_sequence("de", timestamps=True) == [loaded.sot, loaded.language_ids["de"], loaded.transcribe]
-    assert loaded.sot_sequence("fr", task="translate")[-2:] == [loaded.translate, loaded.no_timestamps]
-    with pytest.raises(ModelError, match="language"):
-        loaded.sot_sequence(None)
+    tokens = special_tokens(loaded)
+    prompt = build_prompt(tokens, DecodingOptions(language="de"), ["de"])[0].tolist()
+    assert prompt == [loaded.sot, loaded.language_ids["de"], loaded.transcribe]
+    translate = DecodingOptions(language="fr", task="translate", without_timestamps=True)
+    assert build_prompt(tokens, translate, ["fr"])[0].tolist()[-2:] == [loaded.translate, loaded.no_timestamps]
 
 
 def test_ctranslate2_directory_is_a_model(tmp_path, model_cache_dir, tiny_transcriber, tiny_settings):
