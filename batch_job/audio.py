@@ -131,23 +131,6 @@ def decode_audio(path: str | os.PathLike[str], *, max_seconds: float | None = No
     return DecodedAudio(_decode_ffmpeg(p, max_seconds))
 
 
-def audio_duration(path: str | os.PathLike[str]) -> float | None:
-    """Duration in seconds read from the file's headers, or ``None`` when that is not cheap.
-
-    Uses libsndfile's header (exact for WAV/FLAC, an estimate for some MP3s), else ``ffprobe``
-    when it is on PATH. Never decodes the audio and never raises for a bad file (gives ``None``).
-    """
-    p = Path(path)
-    try:
-        if p.suffix.lower() not in FFMPEG_ONLY_SUFFIXES:
-            info = sf.info(str(p))
-            if info.samplerate > 0 and info.frames > 0:
-                return info.frames / info.samplerate
-    except (sf.SoundFileError, RuntimeError, TypeError, ValueError, OSError):
-        pass
-    return _ffprobe_duration(p)
-
-
 # --------------------------------------------------------------------------- soundfile path
 
 

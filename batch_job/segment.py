@@ -31,16 +31,11 @@ _EPS = 1e-10  # energy floor: -100 dBFS for digital silence
 
 @dataclass(frozen=True)
 class Window:
-    """A stretch ``[start, end)`` of the input, in samples of the FILE timeline.
-
-    ``speech_ratio`` (not part of equality) is the fraction of its 10 ms frames judged active
-    against the file's noise floor: 0 for silence, typically 0.3–0.9 for speech.
-    """
+    """A stretch ``[start, end)`` of the input, in samples of the FILE timeline."""
 
     start: int
     end: int
     sample_rate: int = field(default=SAMPLE_RATE, compare=False)
-    speech_ratio: float = field(default=1.0, compare=False)
 
     @property
     def start_s(self) -> float:
@@ -138,31 +133,9 @@ def split_at_pauses(
     for a, b in spans:
         for wa, wb in _cut_span(a, b, db, active, prm):
             start, end = wa * frame, min(wb * frame, n_samples)
-            ratio = float(active[wa:wb].mean()) if wb > wa else 0.0
             if end > start:
-                windows.append(Window(start, end, sample_rate, ratio))
+                windows.append(Window(start, end, sample_rate))
     return windows
-
-
-def speech_ratio(
-    audio_window: np.ndarray,
-    *,
-    sample_rate: int = SAMPLE_RATE,
-    margin_db: float = 10.0,
-    abs_floor_db: float = -60.0,
-) -> float:
-    """Fraction in ``[0, 1]`` of the 10 ms frames of ``audio_window`` that look like speech.
-
-    Self-contained (the floor is this window's own 10th-percentile energy), so it is a weaker
-    figure than :attr:`Window.speech_ratio`, which uses the whole file's noise floor. Digital
-    silence and stationary noise give ~0; speech typically gives 0.3–0.9.
-    """
-    frame = max(1, int(round(FRAME_SECONDS * sample_rate)))
-    if audio_window.ndim != 1 or len(audio_window) < frame:
-        return 0.0
-    db = frame_energy_db(audio_window, frame)
-    floor = float(np.percentile(db, 10))
-    return float(np.mean(db > max(floor + margin_db, abs_floor_db)))
 
 
 def frame_energy_db(audio: np.ndarray, frame: int) -> np.ndarray:
