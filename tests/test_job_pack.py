@@ -137,6 +137,7 @@ def test_windows_of_a_pack_go_through_one_transcribe_many(aws, settings):
     result, _ = run(aws, keys + keys[:1], settings, transcriber=engine)  # listed twice: done once
     assert result.exit_code == 0 and len(result.objects) == 5
     assert len(engine.calls) == 1 and len(engine.calls[0]) == 4
+    assert get_json(aws, f"{PREFIX}m/0.flac.json")["pack"]["objects"] == 4  # distinct objects, not lines
 
 
 def test_transient_failure_retries_only_what_is_left(aws, settings, monkeypatch):

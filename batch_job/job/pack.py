@@ -104,25 +104,23 @@ def run_pack(
     with signal_handlers(interrupts, install_signal_handlers):
         rt = Runtime(settings=settings, s3=s3, context=context, log=log, interrupts=interrupts,
                      cloudwatch=cloudwatch, metrics_stream=metrics_stream, started=time.monotonic(),
-                     pack={"manifest": manifest, "objects": len(entries)} if manifest else None)
+                     pack={"manifest": manifest} if manifest else None)
         try:
             formats, targets = _plan(settings, entries)
         except ConfigError as exc:
             return _config_failure(rt, entries, exc)
-        if s3 is None:
-            rt = replace(rt, s3=s3io.aws_client("s3", settings.s3_max_attempts))
-        unique: dict[tuple[str, str], ObjectJob] = {}  # an object listed twice is transcribed once
-        for src, dst in targets:
-            unique.setdefault((str(src), str(dst)), ObjectJob(rt, src, dst, formats))
-        _log_start(rt, list(unique.values()))
-        run = _PackRun(rt, list(unique.values()), transcriber, transcriber_factory or load_transcriber)
+        distinct = list(dict.fromkeys(targets))  # an object listed twice is transcribed once
+        rt = replace(rt, s3=s3 if s3 is not None else s3io.aws_client("s3", settings.s3_max_attempts),
+                     pack={**rt.pack, "objects": len(distinct)} if rt.pack else None)
+        objects = {target: ObjectJob(rt, *target, formats) for target in distinct}
+        _log_start(rt, list(objects.values()))
+        run = _PackRun(rt, list(objects.values()), transcriber, transcriber_factory or load_transcriber)
         try:
             run.run()
         finally:
             interrupts.armed = False
             run.close()
-        pack = run.finish()
-        return replace(pack, objects=[unique[str(src), str(dst)].result for src, dst in targets])
+        return replace(run.finish(), objects=[objects[target].result for target in targets])
 
 
 def _plan(settings: Settings, entries: Sequence[tuple[str, str | None]],
@@ -184,6 +182,7 @@ class _PackRun:
         self.tmp_dir: Path | None = None
         self.sampler: NeuronMonitorSampler | None = None
         self.job_figures: dict[str, Any] = {}
+        self.model_name = rt.settings.model
         self._progress = {"first": None, "last_log": 0.0}
 
     def run(self) -> None:
@@ -212,10 +211,14 @@ class _PackRun:
         try:
             return step()
         except BaseException as exc:
-            if not _per_object(exc, self.rt.interrupts) or obj.result is not None:
-                raise
-            obj.fail(exc)
+            self._fail_one(obj, exc)
             return None
+
+    def _fail_one(self, obj: ObjectJob, exc: BaseException) -> None:
+        """``exc`` as ``obj``'s own failure (its error marker), or re-raised when it fails the whole job."""
+        if not _per_object(exc, self.rt.interrupts) or obj.result is not None:
+            raise exc
+        obj.fail(exc)
 
     def _decoded(self) -> Iterator[tuple[ObjectJob, np.ndarray]]:
         """Download and decode the unfinished objects one at a time, as they are pulled."""
@@ -246,8 +249,9 @@ class _PackRun:
                 raise ModelError(f"cannot load model {settings.model!r}: {type(exc).__name__}: {exc}") from exc
             self.job_figures["model_load_seconds"] = round(time.monotonic() - t0, 3)
         interrupts.check()
-        model_name = getattr(self.transcriber, "model_name", settings.model)
-        self.rt.log("model_ready", model=model_name, model_load_seconds=self.job_figures.get("model_load_seconds"))
+        self.model_name = getattr(self.transcriber, "model_name", settings.model)
+        self.rt.log("model_ready", model=self.model_name,
+                    model_load_seconds=self.job_figures.get("model_load_seconds"))
         return self.transcriber
 
     def _on_window(self, done: int, total: int) -> None:
@@ -269,13 +273,12 @@ class _PackRun:
                 yield str(n), samples
 
         settings = self.rt.settings
-        model_name = getattr(transcriber, "model_name", settings.model)
         for done in transcriber.transcribe_many(inputs(), language=settings.language or None, task=settings.task,
                                                 on_window=self._on_window):
             obj = by_name.pop(done.name)
             self.rt.interrupts.check()
             if done.error is not None:
-                self._guarded(obj, lambda e=done.error: _raise(e))
+                self._fail_one(obj, done.error)
                 continue
             assert done.transcript is not None
             figures = dict(self.job_figures)
@@ -283,7 +286,7 @@ class _PackRun:
             if utilization is not None:
                 figures.update(utilization.as_figures())
             self._guarded(obj, lambda o=obj, t=done.transcript, f=figures: o.commit(
-                t, model_name=model_name, extra_figures=f))
+                t, model_name=self.model_name, extra_figures=f))
 
     def close(self) -> None:
         if self.sampler is not None:
@@ -309,7 +312,3 @@ class _PackRun:
                 "Manifest": self.rt.pack["manifest"], "WorkerVersion": __version__}))
             self.rt.log("pack_done", exit_code=code, **figures)
         return PackResult(code, results, figures)
-
-
-def _raise(exc: BaseException) -> None:
-    raise exc
