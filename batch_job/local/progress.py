@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batch_job.job import error_marker_key, marker_key, output_key, pack_entries
-from batch_job.s3io import S3Uri, get_json, get_text, normalize_etag
+from batch_job.job import error_marker_key, is_manifest_uri, marker_key, output_key, read_pack
+from batch_job.s3io import S3Uri, get_json, normalize_etag
 
 #: Seconds between two reads of a running pack's pending markers.
 MARKER_POLL_SECONDS = 1.0
@@ -140,9 +140,9 @@ class Progress:
             src = S3Uri.parse(uri)
         except ValueError:
             return {}
-        if src.key.lower().endswith(".jsonl"):
+        if is_manifest_uri(uri):
             try:
-                entries = pack_entries(get_text(self.s3, src.bucket, src.key), index)
+                entries = read_pack(self.s3, uri, index)
             except Exception:  # noqa: BLE001 - a broken manifest: the job itself reports it
                 return {}
             keys = {S3Uri.parse(e.input_uri).key: normalize_etag(e.etag) for e in entries
