@@ -18,7 +18,7 @@ SUBCOMMAND_MODULES = (
     "batch_job.cli_transcribe",  # transcribe FILE...
     "batch_job.job",             # run-job --input s3://...
     "submitter.bulk",            # submit s3://bucket/prefix/
-    "batch_job.neuron.compile",  # compile --model ... --out DIR
+    "batch_job.engine.neuron.compile",  # compile --model ... --out DIR
     "batch_job.local.cli",       # local [--once FILE...]
 )
 

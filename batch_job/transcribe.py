@@ -3,7 +3,7 @@
 The flow for every file: decode audio (:mod:`batch_job.audio`) -> cut into <= 30 s windows at
 pauses (:mod:`batch_job.segment`) -> queue the windows. A scheduler fills fixed-size batches from
 the queue (across files, longest windows together), runs the encoder once per batch and the
-decoding loop (:mod:`batch_job.decoding`) over the static KV cache, then per window:
+decoding loop (:mod:`batch_job.engine.decoding`) over the static KV cache, then per window:
 
 * turns timestamp tokens into segments on the file's timeline;
 * re-queues the unconsumed tail of a window when decoding stopped at a segment boundary before
@@ -27,13 +27,13 @@ import numpy as np
 
 from batch_job.audio import SAMPLE_RATE
 from batch_job.constants import CHUNK_SECONDS, SECONDS_PER_TIMESTAMP
-from batch_job.decoding import DecodingOptions, DecodingResult, compression_ratio
+from batch_job.engine.decoding import DecodingOptions, DecodingResult, compression_ratio
 from batch_job.result import FileResult, Segment, Transcript
 from batch_job.segment import EncoderWindow, group_to_fill, join_windows
 from batch_job.settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batch_job.engine import Engine
+    from batch_job.engine.runner import Engine
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +87,23 @@ class _FileState:
 class Transcriber:
     """A loaded model ready to transcribe; load once, call many times."""
 
-    def __init__(self, engine: Engine, settings: Settings, guards: Guards | None = None) -> None:
+    def __init__(self, engine: Engine, settings: Settings, guards: Guards | None = None, *,
+                 load_seconds: float = 0.0) -> None:
         self.engine = engine
         self.settings = settings
         self.guards = guards or Guards()
         self.model_name = engine.model_name
-        self.load_seconds = engine.load_seconds
+        self.load_seconds = load_seconds
+        """Wall-clock seconds the engine took to load (0 when built by the caller)."""
 
     @classmethod
     def load(cls, settings: Settings) -> Transcriber:
         """Load the model named by ``settings.model`` on ``settings.device`` (compiled graphs too)."""
-        from batch_job.engine import Engine
+        from batch_job.engine.loading import load_engine
 
-        return cls(Engine.load(settings), settings)
+        t0 = time.perf_counter()
+        engine = load_engine(settings)
+        return cls(engine, settings, load_seconds=time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ public API
     def transcribe(

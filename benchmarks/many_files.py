@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}")
 
-    from batch_job.models import resolve_checkpoint
+    from batch_job.engine.models import resolve_checkpoint
     from batch_job.settings import Settings
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WHISPER_BATCH_"))}
@@ -225,11 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         env["WHISPER_BATCH_CACHE_DIR"] = args.cache_dir
     cache_dir = Path(args.cache_dir or Settings.from_env().cache_dir)
     hf_dir = resolve_checkpoint("tiny.en", str(cache_dir))  # converted once, before any job
-    from batch_job.engine import Engine
+    from batch_job.engine.loading import load_engine
 
     # The CPU graph cache traced once, before timing: a first job would otherwise trace the graphs
     # (seconds, once per image/cache) and every other job starting at once would do the same.
-    Engine.load(Settings.from_env({}, model="tiny.en", cache_dir=str(cache_dir)))
+    load_engine(Settings.from_env({}, model="tiny.en", cache_dir=str(cache_dir)))
     args.ct2_dir = str(ct2_dir_for("tiny.en", Path(hf_dir), cache_dir, args.ct2_dir))
 
     clips = select_clips(args.limit, args.min_seconds, args.max_seconds)

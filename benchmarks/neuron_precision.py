@@ -38,12 +38,13 @@ def main(argv=None) -> int:
     from whisper_normalizer.english import EnglishTextNormalizer
 
     from batch_job.audio import load_audio
-    from batch_job.decoding import DecodingOptions, decode_batch
-    from batch_job.engine import Engine
-    from batch_job.inference import CacheShape, StatefulInference
-    from batch_job.models import load_model
-    from batch_job.neuron.compile import build_graphs, trace_jit
-    from batch_job.neuron.runtime import step_states
+    from batch_job.engine.decoding import DecodingOptions, decode_batch
+    from batch_job.engine.graphs import CacheShape, StatefulInference
+    from batch_job.engine.loading import model_bundle
+    from batch_job.engine.models import load_model
+    from batch_job.engine.neuron.compile import build_graphs, trace_jit
+    from batch_job.engine.neuron.runtime import step_states
+    from batch_job.engine.runner import Engine
     from batch_job.settings import Settings
 
     torch.set_num_threads(args.threads)
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     settings = Settings.from_env().replace(model=args.model, device="cpu", quantize_decoder=False, encoder_dtype="float32",
                                            batch_size=args.batch_size, max_new_tokens=args.max_tokens)
     loaded = load_model(args.model, cache_dir=settings.cache_dir)
-    engine = Engine(loaded, settings, "cpu", 0.0)  # log-mel, tokens and text only
+    engine = Engine(model_bundle(loaded, settings, "cpu"))  # log-mel, tokens and text only
     dims, B = engine.dims, args.batch_size
     options = DecodingOptions(max_new_tokens=engine.max_new_tokens)
     norm = EnglishTextNormalizer()

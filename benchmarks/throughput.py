@@ -250,7 +250,7 @@ def ct2_dir_for(model: str, hf_dir: Path, cache_dir: Path, explicit: str | None)
     """The CTranslate2 directory faster-whisper loads: the packaged dir, or parts joined once into the cache."""
     if explicit:
         return Path(explicit)
-    from batch_job.models import PACKAGED_MODELS, packaged_source_files
+    from batch_job.engine.models import PACKAGED_MODELS, packaged_source_files
 
     if model not in PACKAGED_MODELS:
         raise SystemExit(f"--model {model!r} is not packaged: pass --ct2-dir for the faster-whisper systems")
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: shared audio not available ({SHARED_AUDIO / 'manifest.jsonl'})")
         return 0
     sys.path.insert(0, str(REPO))
-    from batch_job.models import resolve_checkpoint
+    from batch_job.engine.models import resolve_checkpoint
     from batch_job.settings import Settings
 
     started = _dt.datetime.now(_dt.timezone.utc)

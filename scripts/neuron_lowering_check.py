@@ -40,9 +40,9 @@ for _k, _v in {"PJRT_DEVICE": "CPU", "XLA_IR_DEBUG": "1", "XLA_HLO_DEBUG": "1"}.
 import torch  # noqa: E402
 import torch_xla  # noqa: E402
 
-from batch_job.engine import PROMPT_SLOTS  # noqa: E402
-from batch_job.models import load_model  # noqa: E402
-from batch_job.neuron import compile as ncompile  # noqa: E402
+from batch_job.constants import PROMPT_SLOTS  # noqa: E402
+from batch_job.engine.models import load_model  # noqa: E402
+from batch_job.engine.neuron import compile as ncompile  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PASS_THROUGH = {"broadcast", "reshape", "convert", "copy", "transpose", "bitcast", "slice", "concatenate"}

@@ -77,12 +77,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from batch_job.decoding import DecodingOptions
-    from batch_job.engine import Engine
-    from batch_job.inference import CacheShape
-    from batch_job.models import load_model
-    from batch_job.neuron.compile import compile_model
-    from batch_job.neuron.runtime import load_bundle
+    from batch_job.engine.decoding import DecodingOptions
+    from batch_job.engine.graphs import CacheShape
+    from batch_job.engine.loading import model_bundle
+    from batch_job.engine.models import load_model
+    from batch_job.engine.neuron.compile import compile_model
+    from batch_job.engine.neuron.runtime import load_bundle
+    from batch_job.engine.runner import Engine
     from batch_job.settings import Settings
 
     sizes = sorted({int(b) for b in args.batch_sizes.split(",")} | {2})
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     bundle = load_bundle(settings)
     print(f"   loaded onto the device in {time.perf_counter() - t0:.1f} s (NEURON_RT_NUM_CORES={os.environ.get('NEURON_RT_NUM_CORES')})")
 
-    cpu = Engine(loaded, settings.replace(device="cpu", batch_size=2), "cpu", 0.0)
+    cpu = Engine(model_bundle(loaded, settings.replace(device="cpu", batch_size=2), "cpu"))
     dims = bundle.dims
     rows, names = _rows(Path(args.audio_dir))
     mel = cpu.log_mel(rows, 2)
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
         agree = bool((w.argmax(-1) == g.argmax(-1)).all())
         ok &= agree
         print(f"   step {step}: max |diff| {float((w - g).abs().max()):.4f}  top-1 agree {agree}")
-    neuron = Engine(bundle, settings, "neuron", 0.0)
+    neuron = Engine(bundle)
     options = DecodingOptions(max_new_tokens=cpu.max_new_tokens)
     with torch.inference_mode():
         for name, a, b in zip(names, cpu.decode(rows, options)[0], neuron.decode(rows, options)[0]):

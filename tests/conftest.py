@@ -68,6 +68,14 @@ def tiny_transcriber(tiny_settings):
 @pytest.fixture(scope="session")
 def tiny_engine_fp32(tiny_settings):
     """tiny.en with fp32 graphs everywhere: token-exact against transformers' generate."""
-    from batch_job.engine import Engine
+    from batch_job.engine.loading import load_engine
 
-    return Engine.load(tiny_settings.replace(quantize_decoder=False, encoder_dtype="float32"))
+    return load_engine(tiny_settings.replace(quantize_decoder=False, encoder_dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_settings):
+    """The transformers tiny.en model itself (float32, eager): the reference the engine is held to."""
+    from batch_job.engine.models import load_model
+
+    return load_model(tiny_settings.model, cache_dir=tiny_settings.cache_dir).model

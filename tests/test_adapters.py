@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters as models (batch_job/adapters.py), on the packaged multilingual `base`."""
+"""PEFT LoRA adapters as models (batch_job/engine/adapters.py), on the packaged multilingual `base`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 
-from batch_job import models  # noqa: E402
+from batch_job.engine import models  # noqa: E402
 from batch_job.errors import ModelError  # noqa: E402
 from tests.conftest import load_clip  # noqa: E402
 
@@ -98,7 +98,7 @@ def test_adapter_errors_are_clear(adapter_and_reference, tmp_path):
 
 def test_image_build_fetch_merges_an_adapter(adapter_and_reference, model_cache_dir):
     """The image build's fetch_model: an adapter directory has its base fetched, then is merged."""
-    from batch_job.neuron.compile import fetch_model
+    from batch_job.engine.models import fetch_model
 
     adapter, _ = adapter_and_reference
     assert fetch_model(str(adapter), str(model_cache_dir)) == models.resolve_checkpoint(str(adapter), model_cache_dir)

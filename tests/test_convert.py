@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import shared_clip
 
-from batch_job import models
-from batch_job.convert_ct2 import read_ct2_model
+from batch_job.engine import models
+from batch_job.engine.convert_ct2 import read_ct2_model
 
 torch = pytest.importorskip("torch")
 ctranslate2 = pytest.importorskip("ctranslate2")
@@ -132,11 +132,11 @@ def _hf_greedy(loaded: models.LoadedModel, encoded: torch.Tensor, prompt: list[i
                 scores = processor(ids, scores)
             next_id = scores.argmax(dim=-1, keepdim=True)  # [1, 1]
             ids = torch.cat([ids, next_id], dim=1)
-            if int(next_id) == loaded.eot:
+            if int(next_id) == loaded.tokens.eot:
                 break
             step_input = next_id
     generated = ids[0, len(prompt) :].tolist()
-    return generated[:-1] if generated and generated[-1] == loaded.eot else generated
+    return generated[:-1] if generated and generated[-1] == loaded.tokens.eot else generated
 
 
 def _ct2_greedy(model: ctranslate2.models.Whisper, encoded, prompt: list[int]) -> list[int]:
@@ -149,11 +149,10 @@ def _ct2_greedy(model: ctranslate2.models.Whisper, encoded, prompt: list[int]) -
 
 def decoder_prompt(loaded, language: str | None, *, timestamps: bool = False) -> list[int]:
     """The engine's own prompt (decoding.build_prompt) for one row: what the CT2 reference is given."""
-    from batch_job.decoding import DecodingOptions, build_prompt
-    from batch_job.engine import special_tokens
+    from batch_job.engine.decoding import DecodingOptions, build_prompt
 
     options = DecodingOptions(language=language, without_timestamps=not timestamps)
-    return build_prompt(special_tokens(loaded), options, [language or "en"])[0].tolist()
+    return build_prompt(loaded.tokens, options, [language or "en"])[0].tolist()
 
 
 def _assert_same_tokens(memo, loaded, ct2_model, clip: str, language: str | None) -> None:
@@ -171,9 +170,9 @@ def _assert_same_tokens(memo, loaded, ct2_model, clip: str, language: str | None
             f"ct2: {loaded.tokenizer.decode(expected, decode_with_timestamps=True)}"
         )
         if timestamps:
-            assert sum(t >= loaded.timestamp_begin for t in expected) >= 2
+            assert sum(t >= loaded.tokens.timestamp_begin for t in expected) >= 2
         else:
-            assert all(t < loaded.eot for t in expected)
+            assert all(t < loaded.tokens.eot for t in expected)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +203,7 @@ def test_hf_generate_uses_generation_config(tiny_en, base, ct2_tiny_en, ct2_base
         kwargs = {"language": language, "task": "transcribe"} if language else {}
         with torch.inference_mode():
             out = loaded.model.generate(torch.from_numpy(features), return_timestamps=False, **kwargs)
-        got = [t for t in out[0].tolist() if t != loaded.eot]
+        got = [t for t in out[0].tolist() if t != loaded.tokens.eot]
         assert got == expected
 
 
@@ -250,12 +249,12 @@ def test_config_inferred_from_shapes(tiny_en, base):
 
 def test_special_ids_english_only_are_one_lower(tiny_en, base):
     for field in ("sot", "eot", "transcribe", "translate", "no_timestamps", "timestamp_begin", "no_speech"):
-        assert getattr(tiny_en, field) == getattr(base, field) - 1, field
-    assert tiny_en.tokenizer.convert_ids_to_tokens(tiny_en.no_speech) in ("<|nospeech|>", "<|nocaptions|>")
-    assert not tiny_en.is_multilingual and base.is_multilingual
-    assert tiny_en.language_ids == {}
-    assert base.language_ids["en"] == base.sot + 1 and len(base.language_ids) == 99
-    assert base.tokenizer.convert_tokens_to_ids("<|de|>") == base.language_ids["de"]
+        assert getattr(tiny_en.tokens, field) == getattr(base.tokens, field) - 1, field
+    assert tiny_en.tokenizer.convert_ids_to_tokens(tiny_en.tokens.no_speech) in ("<|nospeech|>", "<|nocaptions|>")
+    assert not tiny_en.tokens.is_multilingual and base.tokens.is_multilingual
+    assert tiny_en.tokens.languages == {}
+    assert base.tokens.languages["en"] == base.tokens.sot + 1 and len(base.tokens.languages) == 99
+    assert base.tokenizer.convert_tokens_to_ids("<|de|>") == base.tokens.languages["de"]
 
 
 def test_generation_config_english_only_has_no_lang_to_id(tiny_en, base):
@@ -264,22 +263,22 @@ def test_generation_config_english_only_has_no_lang_to_id(tiny_en, base):
     assert not hasattr(tiny_en.model.generation_config, "lang_to_id")
     for loaded in (tiny_en, base):
         gen = loaded.model.generation_config
-        assert gen.decoder_start_token_id == loaded.sot
-        assert gen.eos_token_id == loaded.eot
-        assert gen.no_timestamps_token_id == loaded.no_timestamps
-        assert loaded.eot in gen.begin_suppress_tokens and 220 in gen.begin_suppress_tokens
-        assert loaded.sot in gen.suppress_tokens and loaded.no_speech in gen.suppress_tokens
-    assert base.model.generation_config.task_to_id == {"transcribe": base.transcribe, "translate": base.translate}
+        assert gen.decoder_start_token_id == loaded.tokens.sot
+        assert gen.eos_token_id == loaded.tokens.eot
+        assert gen.no_timestamps_token_id == loaded.tokens.no_timestamps
+        assert loaded.tokens.eot in gen.begin_suppress_tokens and 220 in gen.begin_suppress_tokens
+        assert loaded.tokens.sot in gen.suppress_tokens and loaded.tokens.no_speech in gen.suppress_tokens
+    assert base.model.generation_config.task_to_id == {"transcribe": base.tokens.transcribe, "translate": base.tokens.translate}
 
 
 def test_tokenizer_has_timestamp_tokens(tiny_en, base):
     for loaded in (tiny_en, base):
         tok = loaded.tokenizer
-        assert tok.convert_tokens_to_ids("<|0.00|>") == loaded.timestamp_begin
-        assert tok.convert_tokens_to_ids("<|30.00|>") == loaded.timestamp_begin + 1500
+        assert tok.convert_tokens_to_ids("<|0.00|>") == loaded.tokens.timestamp_begin
+        assert tok.convert_tokens_to_ids("<|30.00|>") == loaded.tokens.timestamp_begin + 1500
         assert len(tok) == loaded.model.config.vocab_size
         text_ids = tok.encode(" Ask not.", add_special_tokens=False)
-        ids = [loaded.timestamp_begin, *text_ids, loaded.timestamp_begin + 75]
+        ids = [loaded.tokens.timestamp_begin, *text_ids, loaded.tokens.timestamp_begin + 75]
         assert tok.decode(ids, decode_with_timestamps=True) == "<|0.00|> Ask not.<|1.50|>"
         assert tok.decode(ids, skip_special_tokens=True) == " Ask not."
         offsets = tok.decode(ids, output_offsets=True)["offsets"]
@@ -290,14 +289,14 @@ def test_processor_loads(tiny_en):
     from transformers import WhisperProcessor
 
     processor = WhisperProcessor.from_pretrained(tiny_en.path)
-    assert processor.tokenizer.convert_tokens_to_ids("<|30.00|>") == tiny_en.timestamp_begin + 1500
+    assert processor.tokenizer.convert_tokens_to_ids("<|30.00|>") == tiny_en.tokens.timestamp_begin + 1500
     assert processor.feature_extractor.feature_size == tiny_en.n_mels
 
 
 def test_reader_streams_parts_and_rejects_bad_input(tmp_path):
     """Arbitrary split points read the same as one file; truncation, trailing bytes and a
     non-zero key bias are errors, not silently wrong checkpoints."""
-    from batch_job.convert_ct2 import ct2_to_transformers
+    from batch_job.engine.convert_ct2 import ct2_to_transformers
     from batch_job.errors import ModelError
 
     data = _packaged_or_skip("tiny.en")[0].read_bytes()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from batch_job.decoding import ApplyTimestampRules, DecodeState, DecodingOptions, DecodingResult, SpecialTokens
+from batch_job.engine.decoding import ApplyTimestampRules, DecodeState, DecodingOptions, DecodingResult
+from batch_job.engine.tokens import SpecialTokens
 from batch_job.segment import Packed
 from batch_job.transcribe import Guards, Transcriber, _FileState, _Task
 from tests.conftest import load_clip, reference_text
@@ -16,9 +17,8 @@ from tests.conftest import load_clip, reference_text
 CLIPS = ["jfk.flac", "librispeech_61-70968-0000.flac", "ljspeech_LJ001-0002.flac", "mfa_cold_corpus.wav"]
 
 
-def _generate(engine, audio: np.ndarray, *, timestamps: bool) -> list[int]:
+def _generate(model, engine, audio: np.ndarray, *, timestamps: bool) -> list[int]:
     """transformers' own eager, unpadded greedy generate on one window (the reference)."""
-    model = engine.loaded.model
     mel = engine.log_mel([audio], 1)
     with torch.inference_mode():
         out = model.generate(mel, return_timestamps=timestamps, max_new_tokens=engine.max_new_tokens)
@@ -34,14 +34,14 @@ def _generate(engine, audio: np.ndarray, *, timestamps: bool) -> list[int]:
 
 
 @pytest.mark.parametrize("timestamps", [True, False])
-def test_padded_batch_matches_unpadded_generate(tiny_engine_fp32, timestamps):
+def test_padded_batch_matches_unpadded_generate(tiny_engine_fp32, tiny_model, timestamps):
     engine = tiny_engine_fp32
     rows = [load_clip(c, seconds=30) for c in CLIPS[:3]]  # 3 rows in a bucket of 4: one padding row
     options = DecodingOptions(without_timestamps=not timestamps, max_new_tokens=engine.max_new_tokens)
     results, _ = engine.decode(rows, options)
     assert len(results) == 3
     for clip, row, result in zip(CLIPS, rows, results):
-        expected = _generate(engine, row, timestamps=timestamps)
+        expected = _generate(tiny_model, engine, row, timestamps=timestamps)
         assert list(result.tokens) == expected, clip
         assert not result.truncated
 
@@ -325,7 +325,7 @@ def test_a_joined_window_keeps_the_budget_of_its_freshest_part():
 
 
 def test_encoder_dtype_setting(monkeypatch):
-    from batch_job.engine import cpu_encoder_dtype
+    from batch_job.engine.loading import cpu_encoder_dtype
     from batch_job.settings import Settings
 
     assert cpu_encoder_dtype(Settings(encoder_dtype="float32")) == "float32"
@@ -336,11 +336,11 @@ def test_encoder_dtype_setting(monkeypatch):
     assert cpu_encoder_dtype(Settings()) == "float32"  # auto never picks emulated bf16
 
 
-def test_bf16_encoder_is_close_and_leaves_the_checkpoint_alone(tiny_engine_fp32):
+def test_bf16_encoder_is_close_and_leaves_the_checkpoint_alone(tiny_engine_fp32, tiny_model):
     """CastEncoder computes in bf16 on a copy; its float32 outputs stay close to the fp32 graph's."""
-    from batch_job.inference import CastEncoder, EncoderGraph
+    from batch_job.engine.graphs import CastEncoder, EncoderGraph
 
-    model = tiny_engine_fp32.loaded.model
+    model = tiny_model
     fp32 = EncoderGraph(model).eval()
     bf16 = CastEncoder(fp32, torch.bfloat16).eval()
     mel = tiny_engine_fp32.log_mel([load_clip("jfk.flac")], 1)

@@ -1,4 +1,4 @@
-"""CPU graph cache (batch_job/graph_cache.py): warm starts load traced graphs, not transformers.
+"""CPU graph cache (batch_job/engine/graph_cache.py): warm starts load traced graphs, not transformers.
 
 * the warm engine (graphs from the cache) decodes real audio to the same tokens and text as the
   cold engine that built them, buckets 1 and 4;
@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import REPO, SHARED_AUDIO, shared_clip  # noqa: E402
 
-from batch_job import graph_cache  # noqa: E402
+from batch_job.engine import graph_cache  # noqa: E402
 
 CLIPS = ("jfk.flac", "librispeech_61-70968-0000.flac", "ljspeech_LJ001-0001.flac")
 MAX_TOKENS = 96  # plenty for these clips; small cache
@@ -33,7 +33,7 @@ MAX_TOKENS = 96  # plenty for these clips; small cache
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory, model_cache_dir) -> Path:
     """A fresh cache dir (empty graph cache) that reuses the session's converted tiny.en."""
-    from batch_job.models import resolve_checkpoint
+    from batch_job.engine.models import resolve_checkpoint
 
     checkpoint = resolve_checkpoint("tiny.en", model_cache_dir)  # converts once per session
     out = tmp_path_factory.mktemp("graph-cache")
@@ -52,18 +52,18 @@ def settings(cache_dir):
 
 @pytest.fixture(scope="module")
 def cold(settings):
-    from batch_job.engine import Engine
+    from batch_job.engine.loading import load_engine
 
-    engine = Engine.load(settings)
+    engine = load_engine(settings)
     assert engine.bundle.source == "model"
     return engine
 
 
 @pytest.fixture(scope="module")
 def warm(cold, settings):
-    from batch_job.engine import Engine
+    from batch_job.engine.loading import load_engine
 
-    engine = Engine.load(settings)
+    engine = load_engine(settings)
     assert engine.bundle.source == "cache" and engine.bundle.loaded is None
     return engine
 
@@ -82,7 +82,7 @@ def _entries(settings) -> list[Path]:
 
 # --------------------------------------------------------------------------- warm == cold
 def test_warm_engine_decodes_like_cold(cold, warm, rows):
-    from batch_job.decoding import DecodingOptions
+    from batch_job.engine.decoding import DecodingOptions
 
     assert warm.buckets == cold.buckets == (1, 2, 3, 4)
     assert warm.tokens == cold.tokens and warm.cache_len == cold.cache_len == MAX_TOKENS + 4
@@ -99,7 +99,7 @@ def test_warm_engine_decodes_like_cold(cold, warm, rows):
     texts = [warm.text(r.tokens) for r in warm_rows]
     assert "fellow Americans" in texts[0]
     # the tokenizers-based text equals WhisperTokenizerFast.decode on these real transcripts
-    tokenizer = cold.loaded.tokenizer
+    tokenizer = cold.bundle.loaded.tokenizer
     eot = cold.tokens.eot
     for r, text in zip(warm_rows, texts):
         assert text == tokenizer.decode([t for t in r.tokens if t < eot], skip_special_tokens=True)
@@ -109,9 +109,9 @@ def test_warm_start_imports_no_transformers(warm, settings):
     code = (
         "import json, sys, time\n"
         "t0 = time.perf_counter()\n"
-        "from batch_job.engine import Engine\n"
+        "from batch_job.engine.loading import load_engine\n"
         "from batch_job.settings import Settings\n"
-        f"engine = Engine.load(Settings(**json.loads({json.dumps(json.dumps(_settings_dict(settings)))})))\n"
+        f"engine = load_engine(Settings(**json.loads({json.dumps(json.dumps(_settings_dict(settings)))})))\n"
         "print(json.dumps({'source': engine.bundle.source, 'seconds': time.perf_counter() - t0,\n"
         "    'transformers': sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')}))\n"
     )
@@ -126,14 +126,14 @@ def _settings_dict(settings) -> dict:
     return {k: getattr(settings, k) for k in ("model", "device", "batch_size", "max_new_tokens", "cache_dir", "threads")}
 
 
-def test_cached_encoder_is_batch_generic(cold, warm, rows):
+def test_cached_encoder_is_batch_generic(cold, warm, rows, settings):
     """The encoder is traced once at batch 1; at batch 4 it must equal the eager module."""
-    from batch_job.engine import cpu_encoder_dtype
-    from batch_job.inference import CastEncoder, EncoderGraph
+    from batch_job.engine.graphs import CastEncoder, EncoderGraph
+    from batch_job.engine.loading import cpu_encoder_dtype
 
     mel = warm.log_mel(rows, 4)
-    eager = EncoderGraph(cold.loaded.model).eval()
-    if cpu_encoder_dtype(warm.settings) == "bfloat16":  # the same dtype as the cached graph
+    eager = EncoderGraph(cold.bundle.loaded.model).eval()
+    if cpu_encoder_dtype(settings) == "bfloat16":  # the same dtype as the cached graph
         eager = CastEncoder(eager, torch.bfloat16).eval()
     with torch.inference_mode():
         want = eager(mel)
@@ -145,7 +145,7 @@ def test_cached_encoder_is_batch_generic(cold, warm, rows):
 # --------------------------------------------------------------------------- text and features
 def test_tokenizers_text_matches_whisper_tokenizer(cold, warm):
     """Reference transcripts of the shared clips (many languages), encoded and decoded both ways."""
-    tokenizer = cold.loaded.tokenizer
+    tokenizer = cold.bundle.loaded.tokenizer
     texts = [p.read_text(encoding="utf-8").strip() for p in sorted(SHARED_AUDIO.glob("*.txt"))]
     if not texts:
         pytest.skip("no shared transcripts")
@@ -158,9 +158,9 @@ def test_tokenizers_text_matches_whisper_tokenizer(cold, warm):
 def test_log_mel_matches_feature_extractor(cold, warm, rows):
     import numpy as np
 
-    from batch_job.engine import WINDOW_SAMPLES
+    from batch_job.constants import N_SAMPLES as WINDOW_SAMPLES
 
-    fe = cold.loaded.feature_extractor
+    fe = cold.bundle.loaded.feature_extractor
     padded = np.zeros((2, WINDOW_SAMPLES), dtype=np.float32)
     padded[0, : len(rows[0])] = rows[0][:WINDOW_SAMPLES]
     padded[1] = np.random.default_rng(0).standard_normal(WINDOW_SAMPLES).astype(np.float32) * 0.1
@@ -171,15 +171,15 @@ def test_log_mel_matches_feature_extractor(cold, warm, rows):
 
 # --------------------------------------------------------------------------- key
 def test_key_follows_settings(warm, settings):
-    from batch_job.engine import _CacheSlot
+    from batch_job.engine.loading import cache_slot
 
-    base = _CacheSlot.for_settings(settings)
+    base = cache_slot(settings)
     assert base is not None and (base.root / base.key / "manifest.json").is_file()
     assert warm.bundle.cache_path == base.root / base.key
     for change in ({"quantize_decoder": False}, {"max_new_tokens": MAX_TOKENS + 1}, {"batch_size": 8}):
-        other = _CacheSlot.for_settings(settings.replace(**change))
+        other = cache_slot(settings.replace(**change))
         assert other.key != base.key, change
-    assert _CacheSlot.for_settings(settings.replace(threads=1)).key == base.key
+    assert cache_slot(settings.replace(threads=1)).key == base.key
     fields = graph_cache.key_fields(checksum="a" * 64, cache_len=100, buckets=[1, 4], quantize=True, jit=True)
     key = graph_cache.cache_key(fields)
     assert graph_cache.cache_key({**fields, "cache_len": 101}) != key
@@ -191,14 +191,14 @@ def test_key_follows_settings(warm, settings):
 
 # --------------------------------------------------------------------------- broken entries
 def test_broken_entries_are_ignored(warm, settings, tmp_path, caplog):
-    from batch_job.engine import _CacheSlot
+    from batch_job.engine.loading import cache_slot
 
-    slot = _CacheSlot.for_settings(settings)
+    slot = cache_slot(settings)
     good = slot.root / slot.key
     root = tmp_path / "graphs"
     root.mkdir()
     kw = {"buckets": (1, 2, 4), "model_name": "tiny.en"}
-    caplog.set_level(logging.WARNING, logger="batch_job.graph_cache")
+    caplog.set_level(logging.WARNING, logger="batch_job.engine.graph_cache")
     assert graph_cache.load(root, slot.key, **kw) is None  # absent: no warning
     assert not caplog.records
     (root / slot.key).mkdir()  # no manifest
@@ -214,16 +214,16 @@ def test_broken_entries_are_ignored(warm, settings, tmp_path, caplog):
 
 def test_corrupt_cache_is_rebuilt(warm, settings, caplog):
     """A truncated graph in the real cache: the next load logs it, builds from the checkpoint, replaces it."""
-    from batch_job.engine import Engine, _CacheSlot
+    from batch_job.engine.loading import cache_slot, load_engine
 
-    slot = _CacheSlot.for_settings(settings)
+    slot = cache_slot(settings)
     entry = slot.root / slot.key
     step = entry / "step.pt"
     step.write_bytes(step.read_bytes()[: 1000])
     caplog.set_level(logging.INFO)
-    engine = Engine.load(settings)
+    engine = load_engine(settings)
     assert engine.bundle.source == "model"
-    assert any("unusable" in r.getMessage() for r in caplog.records if r.name == "batch_job.graph_cache")
+    assert any("unusable" in r.getMessage() for r in caplog.records if r.name == "batch_job.engine.graph_cache")
     assert _entries(settings) == [entry]
     assert not [p for p in slot.root.iterdir() if p.name.startswith(".")]  # no temp/trash left
     again = graph_cache.load(slot.root, slot.key, buckets=slot.buckets, model_name="tiny.en")
@@ -232,20 +232,18 @@ def test_corrupt_cache_is_rebuilt(warm, settings, caplog):
 
 def test_save_is_atomic_and_keeps_a_concurrent_entry(cold, settings, tmp_path):
     """A second writer of the same key keeps the first complete entry; no temp dirs are left behind."""
-    from batch_job.engine import _CacheSlot
+    from batch_job.engine.loading import cache_slot
 
-    slot = _CacheSlot.for_settings(settings)
+    slot = cache_slot(settings)
     bundle = cold.bundle
     fields = json.loads((slot.root / slot.key / "manifest.json").read_text())["key_fields"]
-    kw = dict(encoder=bundle.extra["encoder_script"], steps=bundle.extra["step_script"], tokens=bundle.tokens,
-              dims=bundle.dims, mel=bundle.mel, tokenizer_json=cold.loaded.tokenizer.backend_tokenizer.to_str(),
-              clean_up_spaces=False, model_name="tiny.en")
+    assert bundle.traced is not None
     root = tmp_path / "graphs"
-    first = graph_cache.save(root, slot.key, fields, **kw)
+    first = graph_cache.save(root, slot.key, fields, bundle)
     stamp = (first / "manifest.json").stat().st_mtime_ns
-    assert graph_cache.save(root, slot.key, fields, **kw) == first
+    assert graph_cache.save(root, slot.key, fields, bundle) == first
     assert (first / "manifest.json").stat().st_mtime_ns == stamp  # the first writer's entry stays
-    assert graph_cache.save(root, slot.key, fields, replace_broken=True, **kw) == first
+    assert graph_cache.save(root, slot.key, fields, bundle, replace_broken=True) == first
     assert sorted(p.name for p in root.iterdir()) == [slot.key]
     assert graph_cache.load(root, slot.key, buckets=slot.buckets, model_name="tiny.en") is not None
     # an entry for the same weights/settings from other code or versions is pruned on save
@@ -258,5 +256,5 @@ def test_save_is_atomic_and_keeps_a_concurrent_entry(cold, settings, tmp_path):
     shutil.copytree(stale, other)
     manifest["key"], manifest["key_fields"]["cache_len"] = other.name, 7  # other settings: kept
     (other / "manifest.json").write_text(json.dumps(manifest))
-    graph_cache.save(root, slot.key, fields, replace_broken=True, **kw)
+    graph_cache.save(root, slot.key, fields, bundle, replace_broken=True)
     assert sorted(p.name for p in root.iterdir()) == sorted([slot.key, other.name])

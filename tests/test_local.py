@@ -311,7 +311,7 @@ class Local:
 
 @pytest.fixture(scope="module")
 def local_env(model_cache_dir) -> dict[str, str]:
-    from batch_job.models import resolve_checkpoint
+    from batch_job.engine.models import resolve_checkpoint
 
     resolve_checkpoint("tiny.en", model_cache_dir)  # convert once, before jobs race for it
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WHISPER_BATCH_"))}

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from batch_job.decoding import DecodingOptions  # noqa: E402
+from batch_job.engine.decoding import DecodingOptions  # noqa: E402
 from batch_job.settings import Settings  # noqa: E402
 from tests.conftest import load_clip  # noqa: E402
 
@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory, model_cache_dir, name: str):
         WhisperTokenizerFast,
     )
 
-    from batch_job.models import resolve_checkpoint
+    from batch_job.engine.models import resolve_checkpoint
 
     base = resolve_checkpoint("base", model_cache_dir)
     source = WhisperConfig.from_pretrained(base)
@@ -54,14 +54,14 @@ def checkpoint(tmp_path_factory, model_cache_dir, name: str):
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_shape_decodes_and_round_trips_through_the_graph_cache(name, tmp_path_factory, model_cache_dir, tmp_path):
-    from batch_job.engine import Engine
+    from batch_job.engine.loading import load_engine
     from batch_job.transcribe import Transcriber
 
     path = checkpoint(tmp_path_factory, model_cache_dir, name)
     n_mels, _, dec_layers = SHAPES[name]
     settings = Settings(model=str(path), cache_dir=str(tmp_path), device="cpu", batch_size=2,
                         max_new_tokens=MAX_TOKENS, threads=1)
-    cold = Engine.load(settings)
+    cold = load_engine(settings)
     assert cold.bundle.source == "model" and cold.bundle.dims.layers == dec_layers
     audio = [load_clip("jfk.flac", seconds=5), load_clip("librispeech_61-70968-0000.flac", seconds=8)]
     mel = cold.log_mel(audio, 2)
@@ -70,7 +70,7 @@ def test_shape_decodes_and_round_trips_through_the_graph_cache(name, tmp_path_fa
     first, _ = cold.decode(audio, options)
     assert len(first) == 2 and all(len(r.tokens) <= MAX_TOKENS for r in first)
 
-    warm = Engine.load(settings)  # saved by the cold load: graphs and side data from the cache
+    warm = load_engine(settings)  # saved by the cold load: graphs and side data from the cache
     assert warm.bundle.source == "cache" and warm.bundle.dims.layers == dec_layers
     again, _ = warm.decode(audio, options)
     assert [r.tokens for r in again] == [r.tokens for r in first]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from batch_job import models
+from batch_job.engine import models
 from batch_job.errors import ModelError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +34,8 @@ def tiny_en_dir(model_cache_dir: Path) -> Path:
 
 
 def test_import_is_cheap():
-    """``import batch_job.models`` pulls in neither torch nor transformers."""
-    code = "import sys, batch_job.models; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    """``import batch_job.engine.models`` pulls in neither torch nor transformers."""
+    code = "import sys, batch_job.engine.models; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -150,9 +150,9 @@ def test_directory_checkpoint_resolves_and_loads(random_checkpoint, tmp_path):
     assert loaded.checksum == hashlib.sha256((random_checkpoint / "model.safetensors").read_bytes()).hexdigest()
     assert (random_checkpoint / "model.safetensors.sha256").exists()
     # saved-and-reloaded tokenizer keeps the timestamp tokens
-    assert loaded.timestamp_begin == loaded.no_timestamps + 1 == 50363
-    assert loaded.tokenizer.convert_tokens_to_ids("<|30.00|>") == loaded.timestamp_begin + 1500
-    assert not loaded.is_multilingual and not loaded.language_ids
+    assert loaded.tokens.timestamp_begin == loaded.tokens.no_timestamps + 1 == 50363
+    assert loaded.tokenizer.convert_tokens_to_ids("<|30.00|>") == loaded.tokens.timestamp_begin + 1500
+    assert not loaded.tokens.is_multilingual and not loaded.tokens.languages
 
 
 def test_checksum_cache_is_invalidated_when_weights_change(random_checkpoint, tmp_path):
@@ -187,16 +187,15 @@ def test_load_tiny_en_is_fast_and_frozen(tiny_en_dir, model_cache_dir):
 
 
 def test_decoder_prompt_of_a_multilingual_model(model_cache_dir):
-    from batch_job.decoding import DecodingOptions, build_prompt
-    from batch_job.engine import special_tokens
+    from batch_job.engine.decoding import DecodingOptions, build_prompt
 
     _packaged_or_skip("base")
     loaded = models.load_model("base", cache_dir=model_cache_dir, dtype="float32")
-    tokens = special_tokens(loaded)
+    tokens = loaded.tokens
     prompt = build_prompt(tokens, DecodingOptions(language="de"), ["de"])[0].tolist()
-    assert prompt == [loaded.sot, loaded.language_ids["de"], loaded.transcribe]
+    assert prompt == [loaded.tokens.sot, loaded.tokens.languages["de"], loaded.tokens.transcribe]
     translate = DecodingOptions(language="fr", task="translate", without_timestamps=True)
-    assert build_prompt(tokens, translate, ["fr"])[0].tolist()[-2:] == [loaded.translate, loaded.no_timestamps]
+    assert build_prompt(tokens, translate, ["fr"])[0].tolist()[-2:] == [loaded.tokens.translate, loaded.tokens.no_timestamps]
 
 
 def test_ctranslate2_directory_is_a_model(tmp_path, model_cache_dir, tiny_transcriber, tiny_settings):

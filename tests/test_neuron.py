@@ -29,11 +29,11 @@ torch = pytest.importorskip("torch")
 from conftest import REPO, reference_text, shared_clip  # noqa: E402
 
 from batch_job import exit_codes  # noqa: E402
-from batch_job.errors import DeviceError, ModelError  # noqa: E402
-from batch_job.graph_cache import ModelDims  # noqa: E402
-from batch_job.inference import MASKED, STATE_KINDS, CacheShape, StatefulInference  # noqa: E402
-from batch_job.neuron import manifest as mf  # noqa: E402
-from batch_job.neuron.compile import (  # noqa: E402
+from batch_job.engine.artifacts import write_manifest  # noqa: E402
+from batch_job.engine.graph_cache import ModelDims  # noqa: E402
+from batch_job.engine.graphs import MASKED, STATE_KINDS, CacheShape, StatefulInference  # noqa: E402
+from batch_job.engine.neuron import manifest as mf  # noqa: E402
+from batch_job.engine.neuron.compile import (  # noqa: E402
     COMPILER_ARGS,
     build_graphs,
     compile_model,
@@ -41,7 +41,8 @@ from batch_job.neuron.compile import (  # noqa: E402
     parse_sizes,
     trace_jit,
 )
-from batch_job.neuron.runtime import configure_one_core, load_bundle, step_states  # noqa: E402
+from batch_job.engine.neuron.runtime import configure_one_core, load_bundle, step_states  # noqa: E402
+from batch_job.errors import DeviceError, ModelError  # noqa: E402
 
 CLIPS = ("jfk.flac", "librispeech_61-70968-0000.flac", "ljspeech_LJ001-0001.flac", "pocketsphinx_goforward.wav")
 MAX_TOKENS = 96  # plenty for these clips (<= 30 tokens each); keeps the cache small
@@ -60,7 +61,7 @@ def neuron_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def loaded(model_cache_dir):
-    from batch_job.models import load_model
+    from batch_job.engine.models import load_model
 
     return load_model("tiny.en", cache_dir=str(model_cache_dir))
 
@@ -76,9 +77,10 @@ def settings(model_cache_dir):
 
 @pytest.fixture(scope="module")
 def eager(loaded, settings):
-    from batch_job.engine import Engine
+    from batch_job.engine.loading import model_bundle
+    from batch_job.engine.runner import Engine
 
-    return Engine(loaded, settings, "cpu", 0.0)
+    return Engine(model_bundle(loaded, settings, "cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def rows():
 
 @pytest.fixture(scope="module")
 def options(eager):
-    from batch_job.decoding import DecodingOptions
+    from batch_job.engine.decoding import DecodingOptions
 
     return DecodingOptions(max_new_tokens=eager.max_new_tokens)
 
@@ -121,7 +123,7 @@ def _emulated(graphs, eager, batch: int) -> StatefulInference:
 
 
 def _decode(inference, eager, rows, options, batch: int):
-    from batch_job.decoding import decode_batch
+    from batch_job.engine.decoding import decode_batch
 
     with torch.inference_mode():
         inference.start(eager.log_mel(rows, batch))
@@ -144,7 +146,7 @@ def test_step_is_pure_and_returns_the_written_caches(loaded, eager):
     before = {name: t.detach().clone() for name, t in list(step.named_parameters()) + list(step.named_buffers())}
     position = 3
     with torch.no_grad():
-        out = step(torch.tensor([[loaded.sot], [loaded.sot]], dtype=torch.int32), torch.tensor([position], dtype=torch.int32))
+        out = step(torch.tensor([[loaded.tokens.sot], [loaded.tokens.sot]], dtype=torch.int32), torch.tensor([position], dtype=torch.int32))
     after = dict(list(step.named_parameters()) + list(step.named_buffers()))
     assert before.keys() == after.keys() and len(before) > 4 * eager.dims.layers
     changed = [name for name, t in after.items() if not torch.equal(t, before[name])]
@@ -170,9 +172,9 @@ def test_cpu_step_writes_nothing_it_is_given(eager):
     gen = torch.Generator().manual_seed(1)
     caches = [torch.randn(dims.layers, 2, dims.heads, n, dims.head_dim, generator=gen) for n in (eager.cache_len,) * 2 + (1500,) * 2]
     copies = [c.clone() for c in caches]
-    from batch_job.inference import DecoderStepGraph, StackedCacheStep
+    from batch_job.engine.graphs import DecoderStepGraph, StackedCacheStep
 
-    step = StackedCacheStep(DecoderStepGraph(eager.loaded.model)).eval()
+    step = StackedCacheStep(DecoderStepGraph(eager.bundle.loaded.model)).eval()
     with torch.no_grad():
         logits, new_k, new_v = step(torch.full((2, 1), eager.tokens.sot, dtype=torch.int32), torch.tensor([5], dtype=torch.int32), *caches)
     assert all(torch.equal(a, b) for a, b in zip(caches, copies))
@@ -181,7 +183,7 @@ def test_cpu_step_writes_nothing_it_is_given(eager):
 
 def test_masked_attention_equals_writing_then_attending():
     """The prior/active split (no cache write) equals the textbook write-then-mask attention."""
-    from batch_job.inference import _cached_attention
+    from batch_job.engine.graphs import _cached_attention
 
     gen = torch.Generator().manual_seed(2)
     B, H, T, Dh, pos = 2, 3, 7, 4, 4
@@ -228,7 +230,7 @@ def test_step_input_bytes_fit_the_budget_at_any_batch_size(batch):
 
 
 def test_bf16_graphs_keep_norms_and_logits_float32(loaded, eager):
-    from batch_job.inference import Float32LayerNorm
+    from batch_job.engine.graphs import Float32LayerNorm
 
     graphs = build_graphs(loaded, 1, eager.cache_len, "bfloat16")
     norms = [m for m in graphs.step.modules() if isinstance(m, torch.nn.LayerNorm)]
@@ -294,19 +296,19 @@ def test_manifest_records_the_traced_steps_real_inputs(compiled_dir, eager):
 
 
 def test_compiled_engine_builds_no_eager_model(compiled_dir, settings, rows, options, reference, neuron_env):
-    """``Engine.load`` on ``neuron``: graphs + side data only; transformers' model is never built."""
+    """``load_engine`` on ``neuron``: graphs + side data only; transformers' model is never built."""
     import os
 
     import transformers
 
-    from batch_job.engine import Engine
+    from batch_job.engine.loading import load_engine
 
     def refuse(*args, **kwargs):
         raise AssertionError("an eager transformers model was built on the Neuron path")
 
     neuron_env.setattr(transformers.WhisperForConditionalGeneration, "from_pretrained", refuse)
-    neuron_env.setattr("batch_job.engine.resolve_device", lambda requested: "neuron")
-    engine = Engine.load(settings.replace(device="neuron", compiled_dir=str(compiled_dir)))
+    neuron_env.setattr("batch_job.engine.loading.resolve_device", lambda requested: "neuron")
+    engine = load_engine(settings.replace(device="neuron", compiled_dir=str(compiled_dir)))
     assert engine.bundle.source == "compiled" and engine.bundle.loaded is None
     assert engine.buckets == (1, 4)
     assert os.environ["NEURON_RT_NUM_CORES"] == "1"  # load_bundle pins one core
@@ -345,7 +347,7 @@ def test_neuron_compile_traces_the_engines_modules_with_every_cache_aliased(tmp_
     neuron_env.setitem(sys.modules, "torch_neuronx", fake)
     manifest = compile_model(loaded, tmp_path / "g", batch_sizes=[2], max_new_tokens=MAX_TOKENS, backend="neuron",
                              cpu_backend=True)
-    from batch_job.inference import EncoderGraph, StatefulDecoderStep
+    from batch_job.engine.graphs import EncoderGraph, StatefulDecoderStep
 
     encoder_call, step_call = fake.calls
     assert isinstance(encoder_call["module"], EncoderGraph) and isinstance(step_call["module"], StatefulDecoderStep)
@@ -365,20 +367,20 @@ def _neuron_manifest(compiled_dir, tmp_path):
     """The jit artifacts relabelled as Neuron graphs of this environment (to drive the Neuron load branch)."""
     import shutil
 
-    from batch_job.neuron.runtime import running_versions
+    from batch_job.engine.neuron.runtime import running_versions
 
     out = tmp_path / "neuron-graphs"
     shutil.copytree(compiled_dir, out)
     manifest = mf.read_manifest(out)
     manifest.update(backend="neuron", versions=running_versions("neuron"))
-    mf.write_manifest(out, manifest)
+    write_manifest(out, manifest)
     return out
 
 
 def test_runtime_refusing_a_graph_is_retried(compiled_dir, tmp_path, settings, neuron_env):
     node = tmp_path / "neuron0"
     node.write_bytes(b"")
-    neuron_env.setattr("batch_job.neuron.runtime.DEVICE_GLOB", str(tmp_path / "neuron*"))
+    neuron_env.setattr("batch_job.engine.neuron.runtime.DEVICE_GLOB", str(tmp_path / "neuron*"))
     fake = _FakeNeuron(move_error=RuntimeError("nrt_load: no free NeuronCore (NRT_RESOURCE)"))
     neuron_env.setitem(sys.modules, "torch_neuronx", fake)
     with pytest.raises(DeviceError, match=r"could not load encoder.pt onto a NeuronCore: nrt_load: no free NeuronCore") as info:
@@ -388,7 +390,7 @@ def test_runtime_refusing_a_graph_is_retried(compiled_dir, tmp_path, settings, n
 
 
 def test_missing_device_node_is_a_clear_config_error(compiled_dir, tmp_path, settings, neuron_env):
-    neuron_env.setattr("batch_job.neuron.runtime.DEVICE_GLOB", str(tmp_path / "no-such-neuron*"))
+    neuron_env.setattr("batch_job.engine.neuron.runtime.DEVICE_GLOB", str(tmp_path / "no-such-neuron*"))
     neuron_env.setitem(sys.modules, "torch_neuronx", _FakeNeuron())
     with pytest.raises(ModelError, match=r"no Neuron device in this container \(/dev/neuron0 is absent\).*LinuxParameters.Devices") as info:
         load_bundle(settings.replace(compiled_dir=str(_neuron_manifest(compiled_dir, tmp_path))))
@@ -397,7 +399,7 @@ def test_missing_device_node_is_a_clear_config_error(compiled_dir, tmp_path, set
 
 def test_neuron_load_moves_every_graph_to_core_zero(compiled_dir, tmp_path, settings, neuron_env):
     (tmp_path / "neuron0").write_bytes(b"")
-    neuron_env.setattr("batch_job.neuron.runtime.DEVICE_GLOB", str(tmp_path / "neuron*"))
+    neuron_env.setattr("batch_job.engine.neuron.runtime.DEVICE_GLOB", str(tmp_path / "neuron*"))
     fake = _FakeNeuron()
     neuron_env.setitem(sys.modules, "torch_neuronx", fake)
     bundle = load_bundle(settings.replace(compiled_dir=str(_neuron_manifest(compiled_dir, tmp_path))))
@@ -444,7 +446,7 @@ def _check(manifest, **overrides):
 
 def test_manifest_round_trip(tmp_path):
     written = _manifest()
-    mf.write_manifest(tmp_path, written)
+    write_manifest(tmp_path, written)
     read = mf.read_manifest(tmp_path)
     assert read == json.loads(json.dumps(written))
     _check(read)  # matches itself
@@ -508,7 +510,7 @@ def test_missing_dir_or_manifest(tmp_path):
         mf.read_manifest(tmp_path)
     broken = _manifest()
     del broken["graphs"]["4"]
-    mf.write_manifest(tmp_path, broken)
+    write_manifest(tmp_path, broken)
     with pytest.raises(ModelError, match="batch size 4 has no encoder/step graphs"):
         mf.read_manifest(tmp_path)
 
@@ -516,7 +518,7 @@ def test_missing_dir_or_manifest(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None, reason="torch-neuronx is installed")
 def test_load_bundle_neuron_without_torch_neuronx(compiled_dir, tmp_path, settings, neuron_env):
     (tmp_path / "neuron0").write_bytes(b"")
-    neuron_env.setattr("batch_job.neuron.runtime.DEVICE_GLOB", str(tmp_path / "neuron*"))
+    neuron_env.setattr("batch_job.engine.neuron.runtime.DEVICE_GLOB", str(tmp_path / "neuron*"))
     with pytest.raises(ModelError, match=r"holds Neuron graphs but torch-neuronx is not installed.*pip.repos.neuron.amazonaws.com"):
         load_bundle(settings.replace(compiled_dir=str(_neuron_manifest(compiled_dir, tmp_path))))
 
@@ -580,7 +582,7 @@ def test_compile_without_out_or_plan_is_a_usage_error(capsys):
 def test_neuron_imports_stay_lazy():
     import subprocess
 
-    code = ("import sys, batch_job.cli, batch_job.neuron.compile, batch_job.neuron.runtime, batch_job.neuron.manifest;"
+    code = ("import sys, batch_job.cli, batch_job.engine.neuron.compile, batch_job.engine.neuron.runtime, batch_job.engine.neuron.manifest;"
             "batch_job.cli.build_parser();"
             "assert not [m for m in sys.modules if m.startswith(('torch_neuronx', 'neuronxcc', 'libneuronxla'))]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -589,8 +591,8 @@ def test_neuron_imports_stay_lazy():
 def test_fetch_model_downloads_hub_ids(monkeypatch, tmp_path):
     import huggingface_hub
 
-    import batch_job.models as models
-    from batch_job.neuron.compile import HUB_PATTERNS, fetch_model
+    import batch_job.engine.models as models
+    from batch_job.engine.models import HUB_PATTERNS, fetch_model
 
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw) or str(tmp_path))

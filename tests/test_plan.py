@@ -1,4 +1,4 @@
-"""batch_job.neuron.plan: exact parameter counts against real models, the large-v3/turbo budgets
+"""batch_job.engine.neuron.plan: exact parameter counts against real models, the large-v3/turbo budgets
 against the Batch job definition and the per-core HBM limit, and the config lookup."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from batch_job import models
+from batch_job.engine import models
+from batch_job.engine.neuron import plan as mp
 from batch_job.errors import ModelError
-from batch_job.neuron import plan as mp
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "cloudformation" / "template.yaml"
@@ -66,7 +66,7 @@ def _packaged_or_skip(name: str) -> None:
 
 # ---------------------------------------------------------------------------- parameter counts
 def test_import_is_cheap():
-    code = "import sys, batch_job.neuron.plan; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, batch_job.engine.neuron.plan; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 

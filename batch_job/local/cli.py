@@ -428,7 +428,7 @@ def _command(args: argparse.Namespace) -> int:
 
 def _warm_model_cache() -> None:
     try:
-        from batch_job.models import resolve_checkpoint
+        from batch_job.engine.models import resolve_checkpoint
         from batch_job.settings import Settings
 
         settings = Settings.from_env()

@@ -298,7 +298,13 @@ def _split_projection(
 
 @dataclass(frozen=True)
 class VocabularySpecialIds:
-    """Special token ids of a Whisper vocabulary, read from ``vocabulary.txt`` (never assumed)."""
+    """Where Whisper's special tokens sit in a ``vocabulary.txt`` (read, never assumed): the input
+    of the conversion, which writes them into the HF config files.
+
+    Not :class:`~batch_job.engine.tokens.SpecialTokens` (what decoding uses, produced by
+    ``load_model`` from the converted checkpoint): it also holds ``sot_lm``/``sot_prev`` and every
+    language token the vocabulary has, which an English-only model has too but never uses.
+    """
 
     eot: int
     sot: int

@@ -3,7 +3,7 @@
 These modules are exactly what gets compiled: ``torch.jit.trace`` on CPU/CUDA and
 ``torch_neuronx.trace`` for Inferentia2 take the same :class:`EncoderGraph` and
 :class:`DecoderStepGraph`, so every device runs identical math and the decoding loop in
-:mod:`batch_job.decoding` never knows which device it is on.
+:mod:`batch_job.engine.decoding` never knows which device it is on.
 
 Shapes (``B`` batch, ``M`` mel bins, ``L`` decoder layers, ``H`` heads, ``Dh`` head dim,
 ``S`` = 1500 encoder positions, ``T`` static self-attention cache length, ``V`` vocabulary):

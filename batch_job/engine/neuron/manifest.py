@@ -1,7 +1,7 @@
 """``manifest.json`` of a compiled-graphs directory: what was compiled, from what, with what.
 
 Written by ``whisper-batch compile`` next to the graphs; read and checked at job start by
-:func:`batch_job.neuron.runtime.load_bundle` so that graphs compiled for another model,
+:func:`batch_job.engine.neuron.runtime.load_bundle` so that graphs compiled for another model,
 another cache length, other shapes or another SDK are refused with a clear
 :class:`~batch_job.errors.ModelError` instead of failing deep inside the Neuron runtime.
 
@@ -38,34 +38,24 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from batch_job import __version__
+from batch_job.engine.artifacts import MANIFEST_NAME, package_versions
 from batch_job.errors import ModelError
-from batch_job.fsutil import atomic_write_text
 
-MANIFEST_NAME = "manifest.json"
 FORMAT = 2
 
 #: Packages whose versions are recorded, and must match at load time.
 VERSIONED_PACKAGES = ("torch", "torch-neuronx", "neuronx-cc", "transformers", "whisper-batch")
 
 
-def package_versions(names: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str | None]:
-    """Installed version of each distribution (``None`` when not installed). Never imports them."""
-    out: dict[str, str | None] = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def write_manifest(out_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
-    """Write ``out_dir/manifest.json`` atomically (written last: its presence marks a complete compile)."""
-    return atomic_write_text(Path(out_dir) / MANIFEST_NAME, json.dumps(dict(manifest), indent=2, sort_keys=True) + "\n")
+def installed_versions() -> dict[str, str | None]:
+    """Versions of :data:`VERSIONED_PACKAGES` as installed (whisper-batch from the source tree when not installed)."""
+    versions = package_versions(VERSIONED_PACKAGES)
+    versions["whisper-batch"] = versions.get("whisper-batch") or __version__
+    return versions
 
 
 def read_manifest(compiled_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -120,7 +110,7 @@ def check_manifest(
     * ``versions``: running package versions; every key given must equal the compile-time one
       (a NEFF is only guaranteed to load on the SDK that compiled it);
     * ``shapes``: ``{batch: {"encoder": {"inputs": ...}, "step": {...}}}`` expected per graph
-      (see :func:`batch_job.neuron.compile.graph_shapes`); compared for every given batch size.
+      (see :func:`batch_job.engine.neuron.compile.graph_shapes`); compared for every given batch size.
     """
     model = manifest.get("model") or {}
     if model_id is not None and model.get("id") != model_id:

