@@ -7,12 +7,37 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class Word:
+    """One word of a segment with its times (seconds from the start of the FILE).
+
+    ``word`` keeps Whisper's leading space (``" Hello"``), as openai/whisper and faster-whisper
+    do; ``probability`` is the mean probability of its tokens.
+    """
+
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True)
 class Segment:
-    """One timestamped stretch of text. Times are seconds from the start of the FILE."""
+    """One timestamped stretch of text. Times are seconds from the start of the FILE.
+
+    ``words`` is empty unless word-level timestamps were computed.
+    """
 
     start: float
     end: float
     text: str
+    words: tuple[Word, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``words`` only when there are any (the JSON is unchanged without them)."""
+        d: dict[str, Any] = {"start": self.start, "end": self.end, "text": self.text}
+        if self.words:
+            d["words"] = [asdict(w) for w in self.words]
+        return d
 
 
 @dataclass(frozen=True)
@@ -34,7 +59,7 @@ class Transcript:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the ``.json`` output's core fields)."""
         d = asdict(self)
-        d["segments"] = [asdict(s) for s in self.segments]
+        d["segments"] = [s.to_dict() for s in self.segments]
         return d
 
 

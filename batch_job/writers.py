@@ -1,11 +1,15 @@
 """Output writers: a :class:`Transcript` as JSON, plain text, SubRip (SRT) and WebVTT.
 
-Cue times are sanitised once (:func:`cue_times`): rounded to whole milliseconds FIRST, then
-clamped to ``[0, duration]``, made monotonic (a cue never starts before the previous one ends)
-and ``end >= start``, so rounding can never produce an inverted cue. Cue text is one line:
-whitespace (incl. newlines, which would end an SRT cue) is collapsed; segments with no text are
-left out of TXT/SRT/VTT (JSON keeps everything). ``-->`` in text is defused (SRT: ``->``;
-VTT escapes ``&``, ``<``, ``>`` as the spec requires, so ``-->`` becomes ``--&gt;``).
+SRT and VTT render the cues of :func:`batch_job.subtitles.cues` (at most ``max_line_count``
+lines of ``max_line_width`` characters, cut at word boundaries; see :class:`CueOptions`), whose
+times are sanitised once (:func:`cue_times`: whole milliseconds first, clamped to
+``[0, duration]``, monotonic, never inverted). Whitespace in text (incl. newlines, which would
+end an SRT cue) is collapsed; a cue's lines are joined with ``\n``; segments with no text are
+left out of TXT/SRT/VTT (JSON keeps everything, and lists ``words`` only for segments that have
+them). ``-->`` in text is defused (SRT: ``->``; VTT escapes ``&``, ``<``, ``>`` as the spec
+requires, so ``-->`` becomes ``--&gt;``). With ``CueOptions(word_level=True)`` a VTT cue with
+word times carries a ``<HH:MM:SS.mmm>`` timestamp tag before each word after the first
+(karaoke-style), kept strictly inside the cue and increasing as the spec requires.
 Hours are written with at least two digits, more when needed (≥ 100 h).
 """
 
@@ -14,33 +18,44 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from batch_job.fsutil import atomic_write_text
-from batch_job.result import Segment, Transcript
+from batch_job.result import Transcript
+from batch_job.subtitles import Cue, CueOptions, cue_times, cues, format_ms, to_ms
+
+__all__ = ["FORMATS", "CueOptions", "cue_times", "format_timestamp", "render", "write_outputs"]
 
 FORMATS = ("json", "txt", "srt", "vtt")
 """Supported output formats (file extensions)."""
 
 
-def render(transcript: Transcript, fmt: str, *, extra: Mapping[str, Any] | None = None) -> str:
+def render(
+    transcript: Transcript,
+    fmt: str,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    cue_options: CueOptions | None = None,
+) -> str:
     """The text of ``transcript`` in format ``fmt`` (one of :data:`FORMATS`).
 
     ``extra`` is merged into the JSON output's top level (its keys win over the transcript's);
-    other formats ignore it. Non-finite floats in JSON become ``null``.
-    Raises ``ValueError`` for an unknown format.
+    other formats ignore it. Non-finite floats in JSON become ``null``. ``cue_options`` shapes
+    SRT/VTT cues (``None``: the :class:`CueOptions` defaults). Raises ``ValueError`` for an
+    unknown format.
     """
     fmt = fmt.lower()
     if fmt == "json":
         return _render_json(transcript, extra)
     if fmt == "txt":
         return _render_txt(transcript)
+    opts = cue_options or CueOptions()
     if fmt == "srt":
-        return _render_srt(transcript)
+        return _render_srt(cues(transcript, opts))
     if fmt == "vtt":
-        return _render_vtt(transcript)
+        return _render_vtt(cues(transcript, opts), word_level=opts.word_level)
     raise ValueError(f"unknown output format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -51,15 +66,17 @@ def write_outputs(
     formats: Iterable[str],
     *,
     extra: Mapping[str, Any] | None = None,
+    cue_options: CueOptions | None = None,
 ) -> list[Path]:
     """Write ``out_dir/<stem>.<fmt>`` for each format, atomically (temp file + ``os.replace``).
 
     JSON, the completion marker, is written LAST. Every format is validated (and rendered)
     before anything is written. ``stem`` may contain ``/`` (sub-directories are created).
-    Returns the written paths in write order.
+    ``extra`` and ``cue_options`` are passed to :func:`render`. Returns the written paths in
+    write order.
     """
     wanted = _ordered_formats(formats)
-    texts = [(fmt, render(transcript, fmt, extra=extra)) for fmt in wanted]
+    texts = [(fmt, render(transcript, fmt, extra=extra, cue_options=cue_options)) for fmt in wanted]
     base = Path(out_dir)
     written = []
     for fmt, text in texts:
@@ -71,26 +88,7 @@ def write_outputs(
 
 def format_timestamp(seconds: float, *, decimal: str = ",") -> str:
     """``HH:MM:SS,mmm`` (SRT, ``decimal=","``) or ``HH:MM:SS.mmm`` (VTT, ``decimal="."``)."""
-    return _format_ms(_to_ms(seconds), decimal)
-
-
-def cue_times(segments: Sequence[Segment], duration: float) -> list[tuple[int, int]]:
-    """Sanitised ``(start_ms, end_ms)`` per segment: clamped to ``[0, duration]``, monotonic, end ≥ start.
-
-    ``duration <= 0`` or non-finite means unknown: no upper clamp.
-    """
-    limit = _to_ms(duration) if math.isfinite(duration) and duration > 0 else None
-    out: list[tuple[int, int]] = []
-    prev_end = 0
-    for seg in segments:
-        start, end = _to_ms(seg.start), _to_ms(seg.end)
-        if limit is not None:
-            start, end = min(start, limit), min(end, limit)
-        start = max(start, prev_end)
-        end = max(end, start)
-        out.append((start, end))
-        prev_end = end
-    return out
+    return format_ms(to_ms(seconds), decimal)
 
 
 # --------------------------------------------------------------------------- renderers
@@ -108,47 +106,44 @@ def _render_txt(transcript: Transcript) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def _render_srt(transcript: Transcript) -> str:
+def _render_srt(cue_list: list[Cue]) -> str:
     blocks = []
-    for number, (text, start, end) in enumerate(_cues(transcript), start=1):
-        text = text.replace("-->", "->")
-        blocks.append(f"{number}\n{_format_ms(start, ',')} --> {_format_ms(end, ',')}\n{text}\n")
+    for number, cue in enumerate(cue_list, start=1):
+        text = "\n".join(line.replace("-->", "->") for line in cue.lines)
+        blocks.append(f"{number}\n{format_ms(cue.start_ms, ',')} --> {format_ms(cue.end_ms, ',')}\n{text}\n")
     return "\n".join(blocks)
 
 
-def _render_vtt(transcript: Transcript) -> str:
+def _render_vtt(cue_list: list[Cue], *, word_level: bool) -> str:
     blocks = ["WEBVTT\n"]
-    for text, start, end in _cues(transcript):
-        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        blocks.append(f"{_format_ms(start, '.')} --> {_format_ms(end, '.')}\n{text}\n")
+    for cue in cue_list:
+        text = _vtt_word_text(cue) if word_level and cue.words else "\n".join(_vtt_escape(line) for line in cue.lines)
+        blocks.append(f"{format_ms(cue.start_ms, '.')} --> {format_ms(cue.end_ms, '.')}\n{text}\n")
     return "\n".join(blocks)
 
 
-def _cues(transcript: Transcript) -> list[tuple[str, int, int]]:
-    """(one-line text, start_ms, end_ms) for each segment with text."""
-    times = cue_times(transcript.segments, transcript.duration)
-    cues = []
-    for seg, (start, end) in zip(transcript.segments, times):
-        text = _one_line(seg.text)
-        if text:
-            cues.append((text, start, end))
-    return cues
+def _vtt_word_text(cue: Cue) -> str:
+    """Escaped cue text with a ``<timestamp>`` before each word after the first.
+
+    A tag is written only when strictly after the cue start and the previous tag and strictly
+    before the cue end (WebVTT's rule); otherwise that word is highlighted with the one before.
+    """
+    lines: list[list[str]] = [[] for _ in cue.lines]
+    last = cue.start_ms
+    for index, word in enumerate(cue.words):
+        piece = _vtt_escape(word.text)
+        if index > 0 and last < word.start_ms < cue.end_ms:
+            piece = f"<{format_ms(word.start_ms, '.')}>{piece}"
+            last = word.start_ms
+        lines[word.line].append(piece)
+    return "\n".join(" ".join(line) for line in lines)
+
+
+def _vtt_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _to_ms(seconds: float) -> int:
-    if not math.isfinite(seconds) or seconds <= 0:
-        return 0
-    return int(round(seconds * 1000.0))
-
-
-def _format_ms(ms: int, decimal: str) -> str:
-    hours, rest = divmod(max(0, ms), 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs, millis = divmod(rest, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{millis:03d}"
 
 
 def _one_line(text: str) -> str:
