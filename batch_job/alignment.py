@@ -37,8 +37,6 @@ TOKENS_PER_SECOND = SAMPLE_RATE / (HOP_LENGTH * MEL_FRAMES_PER_POSITION)
 """50 encoder positions per second: a DTW time index ``t`` is ``t / 50`` s (20 ms steps)."""
 MEDFILT_WIDTH = 7
 """openai's median filter width (encoder positions) along time."""
-NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
-"""Languages written without spaces: words are split at Unicode boundaries (openai's list)."""
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 """Punctuation that joins the FOLLOWING word (openai's default)."""
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
@@ -176,7 +174,7 @@ def split_to_word_tokens(
     """Group text token ids into words: ``(words, word_tokens)``, two lists of equal length.
 
     ``decode`` turns ids into text (partial UTF-8 shown as U+FFFD). ``no_space`` (the languages
-    of :data:`NO_SPACE_LANGUAGES`) splits at every complete Unicode character sequence (openai's
+    of :data:`~batch_job.constants.NO_SPACE_LANGUAGES`) splits at every complete Unicode character sequence (openai's
     ``split_tokens_on_unicode``); otherwise those pieces are joined into words that start at a
     leading space or a punctuation piece (``split_tokens_on_spaces``). Every token lands in
     exactly one word, in order. ``tokens`` are text tokens only (ids below ``<|endoftext|>``).

@@ -29,16 +29,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "neuron"), help="default: auto")
     p.add_argument("--threads", type=int, help="torch threads (default: all available cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    words = p.add_argument_group("word timestamps and subtitles")
+    words.add_argument("--word-timestamps", action="store_true", default=None,
+                       help="time every word (JSON segments[].words; SRT/VTT cues split at word times)")
+    words.add_argument("--max-line-width", type=int, help="SRT/VTT: characters per line (default: 42)")
+    words.add_argument("--max-line-count", type=int, help="SRT/VTT: lines per cue (default: 2)")
+    words.add_argument("--max-cue-seconds", type=float, help="SRT/VTT: longest cue where word times allow (default: 7)")
+    words.add_argument("--word-level-vtt", action="store_true", default=None,
+                       help="VTT: a timestamp tag before each word (implies --word-timestamps)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Transcribe every file; a bad file prints one line and makes the exit status 1."""
+    from batch_job.subtitles import CueOptions
     from batch_job.writers import FORMATS, write_outputs
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     settings = Settings.from_env().replace(
-        model=args.model, formats=args.formats, batch_size=args.batch_size, device=args.device, threads=args.threads
+        model=args.model, formats=args.formats, batch_size=args.batch_size, device=args.device, threads=args.threads,
+        word_timestamps=args.word_timestamps or args.word_level_vtt, max_line_width=args.max_line_width,
+        max_line_count=args.max_line_count, max_cue_seconds=args.max_cue_seconds, vtt_word_level=args.word_level_vtt,
     )
     formats = settings.format_list
     unknown = [f for f in formats if f not in FORMATS]
@@ -47,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if settings.batch_size < 1:
         print("error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        cue_options = CueOptions.from_settings(settings)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             assert result.transcript is not None
             audio_seconds += result.transcript.duration
-            written = write_outputs(result.transcript, out_dir, stems[result.name], formats)
+            written = write_outputs(result.transcript, out_dir, stems[result.name], formats, cue_options=cue_options)
             print(f"{result.name}: {result.transcript.duration:.1f} s -> {', '.join(str(p) for p in written)}")
     except ValueError as exc:  # bad --language / --task for this model
         print(f"error: {exc}", file=sys.stderr)

@@ -26,6 +26,9 @@ PROMPT_SLOTS = 4
 """Decoder prompt tokens at most: ``<|sot|> <|lang|> <|task|>`` (+ ``<|notimestamps|>``)."""
 LANGUAGE_TOKEN_PATTERN = r"^<\|[a-z]{2,3}\|>$"
 """A language token (``<|en|>``, ``<|yue|>``); they lie strictly between ``<|sot|>`` and ``<|translate|>``."""
+NO_SPACE_LANGUAGES = frozenset({"ja", "zh", "yue", "th", "lo", "my"})
+"""Languages written without spaces between words: segments join with "" and words split at
+Unicode boundaries (openai's list)."""
 MULTILINGUAL_VOCAB_MIN = 51865
 """openai's rule: English-only vocabularies have 51864 entries, multilingual ones at least 51865."""
 

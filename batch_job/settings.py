@@ -57,6 +57,10 @@ class Settings:
     encoder_dtype: str = "auto"
     """CPU only: the encoder's compute dtype, ``float32`` or ``bfloat16``; ``auto`` = bfloat16 where
     the CPU multiplies bf16 natively (AVX512-BF16 / AMX, as oneDNN reports), else float32."""
+    word_timestamps: bool = False
+    """Word-level timestamps (``segments[].words`` in the JSON; subtitle cues timed by word). The step
+    graphs also return the alignment heads' attention; on Neuron the graphs must be compiled with
+    ``--word-timestamps``."""
 
     # --- inputs -----------------------------------------------------------
     max_audio_seconds: float = 4 * 3600.0
@@ -73,6 +77,14 @@ class Settings:
     """Default ``--output`` for run-job (``s3://bucket/prefix/``)."""
     formats: str = "json,txt,srt,vtt"
     """Output formats, comma-separated."""
+    max_line_width: int = 42
+    """SRT/VTT: characters per subtitle line (words are never cut)."""
+    max_line_count: int = 2
+    """SRT/VTT: lines per cue."""
+    max_cue_seconds: float = 7.0
+    """SRT/VTT: longest cue, where word times allow splitting."""
+    vtt_word_level: bool = False
+    """VTT: a ``<hh:mm:ss.mmm>`` timestamp tag before each word (needs ``word_timestamps``)."""
     s3_max_attempts: int = 5
     """botocore retry attempts for S3 calls (standard mode)."""
     download_attempts: int = 3

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from batch_job.result import Segment, Transcript
+from batch_job.settings import Settings
 
 MAX_LINE_WIDTH = 42
 """Characters per line: the Netflix / BBC guideline for Latin scripts (fits a TV safe area)."""
@@ -48,6 +49,11 @@ class CueOptions:
             raise ValueError(f"max_line_width and max_line_count must be >= 1, got {self.max_line_width}, {self.max_line_count}")
         if not (self.max_cue_seconds > 0):
             raise ValueError(f"max_cue_seconds must be > 0, got {self.max_cue_seconds}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CueOptions:
+        """The cue limits a job or the CLI was configured with; ``ValueError`` names a bad value."""
+        return cls(settings.max_line_width, settings.max_line_count, settings.max_cue_seconds, settings.vtt_word_level)
 
 
 @dataclass(frozen=True)

@@ -10,25 +10,30 @@ decoding loop (:mod:`batch_job.engine.decoding`) over the static KV cache, then 
   the window's end (openai/whisper's "seek", done batch-wise);
 * re-queues a window at a higher temperature when its text loops (gzip compression ratio above
   the threshold) or its average log-probability is too low, keeping the best attempt;
-* drops windows the model judges to hold no speech (no "Thank you." on silence).
+* drops windows the model judges to hold no speech (no "Thank you." on silence);
+* with word timestamps (the engine's step graphs return the alignment heads' attention), times
+  each word of the window (:mod:`batch_job.alignment`) and maps it onto the file's timeline the
+  way its segment is mapped (packed and joined windows included).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from batch_job.alignment import assign_words, find_alignment
 from batch_job.audio import SAMPLE_RATE
-from batch_job.constants import CHUNK_SECONDS, SECONDS_PER_TIMESTAMP
+from batch_job.constants import CHUNK_SECONDS, HOP_LENGTH, NO_SPACE_LANGUAGES, SECONDS_PER_TIMESTAMP
 from batch_job.engine.decoding import DecodingOptions, DecodingResult, compression_ratio
-from batch_job.result import FileResult, Segment, Transcript
+from batch_job.result import FileResult, Segment, Transcript, Word
 from batch_job.segment import EncoderWindow, group_to_fill, join_windows
 from batch_job.settings import Settings
 
@@ -37,7 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-NO_SPACE_LANGUAGES = frozenset({"ja", "zh", "yue", "th", "lo", "my"})
 WINDOW_SECONDS = CHUNK_SECONDS
 PAUSE_SECONDS = 0.6
 """Pauses at least this long split speech into pieces that are then packed into windows."""
@@ -56,6 +60,24 @@ class Guards:
     min_tail_seconds: float = 1.0
     """A window's undecoded tail shorter than this is not re-queued."""
     max_continuations: int = 4
+
+
+class _Piece(NamedTuple):
+    """A decoded segment on the file's timeline, before the file is finished."""
+
+    start: float
+    end: float
+    text: str
+    order: int  # the window's first sample: ties between equal starts keep window order
+    words: tuple[Word, ...] = ()
+
+
+class _Span(NamedTuple):
+    """A segment as decoded, in window terms: its text tokens and window seconds."""
+
+    tokens: tuple[int, ...]
+    start: float
+    end: float
 
 
 @dataclass
@@ -78,7 +100,7 @@ class _FileState:
     name: str
     audio: np.ndarray
     pending: int = 0
-    segments: list[tuple[float, float, str, int]] = field(default_factory=list)  # start, end, text, first token
+    segments: list[_Piece] = field(default_factory=list)
     languages: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     error: BaseException | None = None
@@ -262,25 +284,39 @@ class Transcriber:
             return _Task(task.file, tail, continuation=task.continuation + 1)
         return None
 
-    def _segments(self, result: DecodingResult, task: _Task) -> tuple[list[tuple[float, float, str, int]], int]:
+    def _segments(self, result: DecodingResult, task: _Task) -> tuple[list[_Piece], int]:
         """Timestamp tokens -> segments in file seconds; also the window sample up to which it is consumed."""
-        tb = self.engine.tokens.timestamp_begin
-        toks = list(result.tokens)
+        spans, consumed = self._split_by_timestamps(result, task)
         window = task.window
-        window_s = task.samples / SAMPLE_RATE
+        words = self._word_times(result, task, spans) if result.alignment is not None else None
+        out: list[_Piece] = []
+        for i, span in enumerate(spans):
+            text = self.engine.text(span.tokens).strip()
+            if not text:
+                continue
+            a, b = window.place(int(round(span.start * SAMPLE_RATE)), int(round(span.end * SAMPLE_RATE)))
+            start, end = a / SAMPLE_RATE, b / SAMPLE_RATE
+            placed = _place_words(words[i], window, start, end) if words is not None else ()
+            out.append(_Piece(start, end, text, window.start, placed))
+        return out, consumed
 
+    def _split_by_timestamps(self, result: DecodingResult, task: _Task) -> tuple[list[_Span], int]:
+        """The window's segments as decoded (window seconds, clamped to the window), in order, and
+        the window sample up to which it is consumed. Text after the last complete segment of a
+        window that stopped at a segment boundary is left out (its tail is decoded again)."""
+        tb = self.engine.tokens.timestamp_begin
+        eot = self.engine.tokens.eot
+        toks = list(result.tokens)
+        window_s = task.samples / SAMPLE_RATE
         is_ts = [t >= tb for t in toks]
         boundaries = [i for i in range(1, len(toks)) if is_ts[i] and is_ts[i - 1]]
         single_ending = len(toks) >= 2 and is_ts[-1] and not is_ts[-2]
-        out: list[tuple[float, float, str, int]] = []
+        spans: list[_Span] = []
 
         def add(piece: list[int], start_s: float, end_s: float) -> None:
-            text = self.engine.text(piece).strip()
-            if text:
-                start_s = min(max(start_s, 0.0), window_s)
-                end_s = min(max(end_s, start_s), window_s)
-                a, b = window.place(int(round(start_s * SAMPLE_RATE)), int(round(end_s * SAMPLE_RATE)))
-                out.append((a / SAMPLE_RATE, b / SAMPLE_RATE, text, window.start))
+            start_s = min(max(start_s, 0.0), window_s)
+            end_s = min(max(end_s, start_s), window_s)
+            spans.append(_Span(tuple(t for t in piece if t < eot), start_s, end_s))
 
         if boundaries:
             cuts = boundaries + ([len(toks)] if single_ending else [])
@@ -290,32 +326,60 @@ class Transcriber:
                 add(piece, (piece[0] - tb) * SECONDS_PER_TIMESTAMP, (piece[-1] - tb) * SECONDS_PER_TIMESTAMP)
                 last = cut
             if single_ending:
-                return out, task.samples
+                return spans, task.samples
             # Decoding stopped at a segment boundary (or ran out of tokens mid-segment): the
             # window is consumed up to the last complete segment; the tail gets decoded again.
             seek = (toks[last - 1] - tb) * SECONDS_PER_TIMESTAMP
-            return out, int(round(min(seek, window_s) * SAMPLE_RATE))
+            return spans, int(round(min(seek, window_s) * SAMPLE_RATE))
         stamps = [t for t in toks if t >= tb]
         end_s = window_s
         if stamps and stamps[-1] != tb:
             end_s = (stamps[-1] - tb) * SECONDS_PER_TIMESTAMP
         start_s = (stamps[0] - tb) * SECONDS_PER_TIMESTAMP if stamps else 0.0
         add(toks, start_s, end_s)
-        return out, task.samples
+        return spans, task.samples
+
+    def _word_times(self, result: DecodingResult, task: _Task, spans: Sequence[_Span]) -> list[tuple[Word, ...]]:
+        """Each span's words in WINDOW seconds, from the alignment heads' attention of the result.
+
+        The whole window's text tokens are aligned at once (DTW needs the sequence), then dealt to
+        the spans in order by token count (openai's ``add_word_timestamps``).
+        """
+        assert result.alignment is not None
+        eot = self.engine.tokens.eot
+        text_at = [i for i, t in enumerate(result.tokens) if t < eot]
+        if not text_at:
+            return [() for _ in spans]
+        attention = result.alignment  # [A, n, S]: row i chose tokens[i], row len(tokens) chose eot
+        rows = [min(i, attention.shape[1] - 1) for i in [*text_at, len(result.tokens)]]
+        timings = find_alignment(
+            attention[:, rows, :],
+            [result.tokens[i] for i in text_at],
+            [math.exp(result.token_logprobs[i]) for i in text_at],
+            num_frames=task.samples // HOP_LENGTH,
+            decode=self.engine.text,
+            no_space=result.language in NO_SPACE_LANGUAGES,
+        )
+        per_span, _ = assign_words(timings, [s.tokens for s in spans], [(s.start, s.end) for s in spans], last_speech=0.0)
+        out = []
+        for seg in per_span:
+            out.append(tuple(Word(w.word, w.start, w.end, round(w.probability, 4)) for w in seg.words))
+        out += [()] * (len(spans) - len(out))
+        return out
 
     def _finish(self, state: _FileState, options: DecodingOptions) -> FileResult:
         duration = len(state.audio) / SAMPLE_RATE
-        ordered = sorted(state.segments, key=lambda s: (s[0], s[3]))
+        ordered = sorted(state.segments, key=lambda s: (s.start, s.order))
         # A segment ends no later than the next one starts: one that ran across the gap between
         # two joined, distant stretches of the file is cut there, instead of pushing the start
         # of everything in between.
-        next_starts = [s[0] for s in ordered[1:]] + [duration]
+        next_starts = [s.start for s in ordered[1:]] + [duration]
         segments: list[Segment] = []
-        for (start, end, text, _), next_start in zip(ordered, next_starts):
-            end = min(end, max(next_start, start))
-            start = round(min(max(start, segments[-1].end if segments else 0.0), duration), 3)
+        for piece, next_start in zip(ordered, next_starts):
+            end = min(piece.end, max(next_start, piece.start))
+            start = round(min(max(piece.start, segments[-1].end if segments else 0.0), duration), 3)
             end = round(min(max(end, start), duration), 3)
-            segments.append(Segment(start=start, end=end, text=text))
+            segments.append(Segment(start=start, end=end, text=piece.text, words=_clamp_words(piece.words, start, end)))
         language = options.language or (max(set(state.languages), key=state.languages.count) if state.languages else "en")
         joiner = "" if language in NO_SPACE_LANGUAGES else " "
         transcript = Transcript(
@@ -364,14 +428,40 @@ def _share_encoder_passes(queue: list[_Task], files: dict[int, _FileState]) -> i
     return before - len(queue)
 
 
-def _drop_repeats(segments: list[tuple[float, float, str, int]]) -> list[tuple[float, float, str, int]]:
+def _drop_repeats(segments: list[_Piece]) -> list[_Piece]:
     """Cut a repetition loop: keep the first of consecutive segments with the same text."""
-    out: list[tuple[float, float, str, int]] = []
+    out: list[_Piece] = []
     for seg in segments:
-        if out and out[-1][2].lower() == seg[2].lower():
+        if out and out[-1].text.lower() == seg.text.lower():
             continue
         out.append(seg)
     return out
+
+
+def _place_words(words: Sequence[Word], window: EncoderWindow, start: float, end: float) -> tuple[Word, ...]:
+    """Words in window seconds -> file seconds, through the window's own mapping, inside ``[start, end]``.
+
+    A packed window maps each word through its spans (a word in an inserted gap lands at the end
+    of the span before it); a joined window could place a word in another part than its segment,
+    so words are clamped into the segment's file interval, which keeps them in the right part.
+    """
+    placed = []
+    for w in words:
+        a, b = window.place(int(round(w.start * SAMPLE_RATE)), int(round(w.end * SAMPLE_RATE)))
+        placed.append(Word(w.word, a / SAMPLE_RATE, b / SAMPLE_RATE, w.probability))
+    return _clamp_words(placed, start, end)
+
+
+def _clamp_words(words: Sequence[Word], start: float, end: float) -> tuple[Word, ...]:
+    """``words`` inside ``[start, end]``, monotonic (each starts no earlier than the previous ends), ms-rounded."""
+    out: list[Word] = []
+    floor = start
+    for w in words:
+        a = round(min(max(w.start, floor), end), 3)
+        b = round(min(max(w.end, a), end), 3)
+        out.append(Word(w.word, a, b, w.probability))
+        floor = b
+    return tuple(out)
 
 
 class _NullBar:

@@ -11,7 +11,7 @@ import torch
 from batch_job.engine.decoding import ApplyTimestampRules, DecodeState, DecodingOptions, DecodingResult
 from batch_job.engine.tokens import SpecialTokens
 from batch_job.segment import Packed
-from batch_job.transcribe import Guards, Transcriber, _FileState, _Task
+from batch_job.transcribe import Guards, Transcriber, _FileState, _Piece, _Task
 from tests.conftest import load_clip, reference_text
 
 CLIPS = ["jfk.flac", "librispeech_61-70968-0000.flac", "ljspeech_LJ001-0002.flac", "mfa_cold_corpus.wav"]
@@ -215,7 +215,8 @@ def test_finish_cuts_a_segment_that_runs_past_the_next_one():
     engine = _FakeEngine({})
     tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
     state = _FileState(name="x", audio=np.zeros(16000 * 400, np.float32))
-    state.segments = [(10.0, 300.0, "runs across a join", 0), (50.0, 55.0, "later", 1), (300.0, 305.0, "last", 2)]
+    state.segments = [_Piece(10.0, 300.0, "runs across a join", 0), _Piece(50.0, 55.0, "later", 1),
+                      _Piece(300.0, 305.0, "last", 2)]
     t = tr._finish(state, DecodingOptions()).transcript
     assert [(s.start, s.end) for s in t.segments] == [(10.0, 50.0), (50.0, 55.0), (300.0, 305.0)]
 

@@ -131,13 +131,14 @@ class BucketGraphs:
     encode: Callable
     step: Callable
 
-    def inference(self, shape: CacheShape, *, device: Any) -> StaticCacheInference:
+    def inference(self, shape: CacheShape, *, device: Any, alignment_heads: int = 0) -> StaticCacheInference:
         """A :class:`~batch_job.engine.graphs.StaticCacheInference` over these graphs (float32 caches)."""
         import torch
 
         from batch_job.engine.graphs import StaticCacheInference
 
-        return StaticCacheInference(self.encode, self.step, shape, device=device, dtype=torch.float32)
+        return StaticCacheInference(self.encode, self.step, shape, device=device, dtype=torch.float32,
+                                    alignment_heads=alignment_heads)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,9 @@ class ModelBundle:
     text: TokenizerText
     mel: MelFrontend
     graphs: Mapping[int, BucketGraphs | StatefulGraphs]
-    """Per batch size; each makes its bucket's inference with ``.inference(shape, device=...)``."""
+    """Per batch size; each makes its bucket's inference with ``.inference(shape, device=..., alignment_heads=...)``."""
+    alignment_heads: tuple[tuple[int, int], ...] = ()
+    """``(layer, head)`` pairs whose cross-attention the step graphs return (word timestamps); empty = none."""
     source: BundleSource = "model"
     loaded: LoadedModel | None = None
     """The transformers model when built from the checkpoint; ``None`` from the cache or compiled graphs."""

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,6 +51,12 @@ class DecodingResult:
     temperature: float
     truncated: bool
     """True when the row hit ``max_new_tokens`` before ``<|endoftext|>``."""
+    token_logprobs: tuple[float, ...] = ()
+    """Log-probability of each of ``tokens`` when it was chosen (after the logit filters)."""
+    alignment: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """With word timestamps: the alignment heads' attention ``[A, n, S]`` float32 of the queries
+    whose outputs were ``tokens`` and then ``<|endoftext|>`` (row ``i`` chose ``tokens[i]``;
+    ``n = len(tokens) + 1``, or ``len(tokens)`` for a truncated row); ``None`` otherwise."""
 
 
 class LogitFilter(Protocol):
@@ -161,12 +168,15 @@ def decode_batch(
     n_rows: int,
     batch_size: int,
     temperatures: Sequence[float] | None = None,
+    alignment: Tensor | None = None,
 ) -> list[DecodingResult]:
     """Decode the batch that ``inference`` was just started on; return the first ``n_rows`` results.
 
     Rows ``n_rows..batch_size-1`` are padding: they run (fixed shapes) but start finished.
     ``temperatures`` gives a per-row temperature (0 = greedy); defaults to ``options.temperature``.
     Uses ``max_new_tokens + prompt length`` cache slots, which must fit the inference's cache.
+    ``alignment``: the inference's attention record ``[T, B, A, S]``, filled while this runs
+    (:class:`~batch_job.engine.graphs.BatchInference`); each result gets its rows.
     """
     device = torch.device("cpu")
     B = batch_size
@@ -204,6 +214,8 @@ def decode_batch(
     finished[n_rows:] = True
     sum_logprob = torch.zeros(B)
     n_tokens = torch.zeros(B, dtype=torch.long)
+    step_logprobs: list[Tensor] = []
+    last_position = P - 1  # the last position whose step has run
     minus_one = torch.full((B,), -1, dtype=torch.long)
     state = DecodeState(step=0, last=minus_one, penultimate=minus_one, last_timestamp=minus_one)
     out: list[Tensor] = []
@@ -222,6 +234,7 @@ def decode_batch(
         n_tokens += active.long()
         nxt = torch.where(finished, torch.full_like(nxt, tokens.eot), nxt)
         out.append(nxt)
+        step_logprobs.append(logprob)
         finished |= nxt == tokens.eot
         state.penultimate = state.last
         state.last = nxt
@@ -229,14 +242,20 @@ def decode_batch(
         if bool(finished.all()) or step == options.max_new_tokens - 1:
             break
         logits = inference.logits(nxt.unsqueeze(1), P + step).to(device).float()
+        last_position = P + step
 
     generated = torch.stack(out, dim=1) if out else torch.empty(B, 0, dtype=torch.long)  # [B, steps]
+    chosen_logprobs = torch.stack(step_logprobs, dim=1) if step_logprobs else torch.empty(B, 0)
     results = []
     for r in range(n_rows):
         row = generated[r].tolist()
         truncated = tokens.eot not in row
         if not truncated:
             row = row[: row.index(tokens.eot)]
+        attention = None
+        if alignment is not None:  # the query at P - 1 + i chose token i
+            rows = alignment[P - 1 : min(P + len(row), last_position + 1), r]  # [n, A, S]
+            attention = rows.transpose(0, 1).float().cpu().numpy()
         results.append(
             DecodingResult(
                 tokens=tuple(row),
@@ -245,6 +264,8 @@ def decode_batch(
                 no_speech_prob=float(no_speech[r]),
                 temperature=float(temps[r]),
                 truncated=truncated,
+                token_logprobs=tuple(chosen_logprobs[r, : len(row)].tolist()),
+                alignment=attention,
             )
         )
     return results

@@ -60,7 +60,7 @@ _STALE_TMP_S = 3600.0
 
 
 def key_fields(*, checksum: str, cache_len: int, buckets: Sequence[int], quantize: bool, jit: bool,
-               encoder_dtype: str = "float32") -> dict[str, Any]:
+               encoder_dtype: str = "float32", word_timestamps: bool = False) -> dict[str, Any]:
     """What the cached graphs depend on (hashed into the key, recorded in the manifest)."""
     import torch
 
@@ -80,6 +80,7 @@ def key_fields(*, checksum: str, cache_len: int, buckets: Sequence[int], quantiz
         "quantize": bool(quantize),
         "jit": bool(jit),
         "encoder_dtype": encoder_dtype,
+        "word_timestamps": bool(word_timestamps),
         "torch": torch.__version__,
         "transformers": package_versions(("transformers",))["transformers"],
         "whisper_batch": __version__,
@@ -212,6 +213,7 @@ def save(root: Path, key: str, fields: Mapping[str, Any], bundle: ModelBundle, *
             "key_fields": dict(fields),
             "model": {"name": bundle.name, "checksum": fields["weights_sha256"]},
             "buckets": list(fields["buckets"]),
+            "alignment_heads": [list(pair) for pair in bundle.alignment_heads],
             **write_side_data(tmp, tokens=bundle.tokens, dims=bundle.dims, mel=bundle.mel, text=bundle.text),
             "files": {name: (tmp / name).stat().st_size for name in _FILES},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -280,6 +282,7 @@ def _load(path: Path, key: str, buckets: Sequence[int], model_name: str) -> Mode
         text=text,
         mel=mel,
         graphs=bucket_graphs(traced, buckets),
+        alignment_heads=tuple((int(layer), int(head)) for layer, head in manifest.get("alignment_heads", [])),
         source="cache",
         cache_path=path,
     )
@@ -295,7 +298,10 @@ def _discard(path: Path, root: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-_SAME_ENTRY = ("weights_sha256", "cache_len", "buckets", "quantize", "jit")
+_SAME_ENTRY = {"weights_sha256": None, "cache_len": None, "buckets": None, "quantize": None, "jit": None,
+               "encoder_dtype": "float32", "word_timestamps": False}
+"""Fields that make two entries alternatives (both kept) rather than one superseding the other;
+the value is what an entry written before the field existed had."""
 
 
 def _prune_superseded(root: Path, key: str, fields: Mapping[str, Any]) -> None:
@@ -307,7 +313,7 @@ def _prune_superseded(root: Path, key: str, fields: Mapping[str, Any]) -> None:
             old = json.loads((entry / MANIFEST_NAME).read_text(encoding="utf-8")).get("key_fields") or {}
         except (OSError, ValueError):
             continue
-        if all(old.get(k) == fields.get(k) for k in _SAME_ENTRY):
+        if all(old.get(k, default) == fields.get(k, default) for k, default in _SAME_ENTRY.items()):
             log.info("graph cache: removing %s (superseded by %s)", entry, key)
             _discard(entry, root)
 

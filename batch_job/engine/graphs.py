@@ -17,7 +17,9 @@ Shapes (``B`` batch, ``M`` mel bins, ``L`` decoder layers, ``H`` heads, ``Dh`` h
   **pure**: it attends over the cache slots before ``position`` plus the new token's own key
   (NxDI's prior/active split) and returns the new key/value instead of writing them, so no
   input is ever modified. Masked scores take ``finfo(float32).min`` (never ``-inf``) and every
-  softmax runs in float32.
+  softmax runs in float32. Built with ``alignment_heads`` (word timestamps), it also returns
+  ``alignment [B, A, S]`` float32: the cross-attention probabilities of those ``A`` heads for
+  the new token, a small extra output instead of a second decoding pass.
 
 Where the cache lives is the one thing that differs, and it is decided outside the math:
 
@@ -64,7 +66,14 @@ class Inference(Protocol):
 
 
 class BatchInference(Inference, Protocol):
-    """An :class:`Inference` for one batch size that the engine starts on each new batch."""
+    """An :class:`Inference` for one batch size that the engine starts on each new batch.
+
+    ``alignment``: when its step graph returns the alignment heads' attention (word
+    timestamps), the attention of every position run since :meth:`start`,
+    ``[T, B, A, S]`` float16 (row ``p`` = the query at ``position == p``); else ``None``.
+    """
+
+    alignment: Tensor | None
 
     def start(self, mel: Tensor) -> None:
         """Encode ``mel [B, M, 3000]`` float32 and make its cross K/V the decoder's."""
@@ -81,14 +90,15 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
     return x.view(b, n, heads, d // heads).transpose(1, 2).contiguous()
 
 
-def _one_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Attention of ONE (pre-scaled) query per row over ``S`` keys: ``q [B, H, 1, Dh]``, ``k, v [B, H, S, Dh]`` -> ``[B, H, 1, Dh]``.
+def _one_query_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention of ONE (pre-scaled) query per row over ``S`` keys: ``q [B, H, 1, Dh]``, ``k, v [B, H, S, Dh]``
+    -> ``(out [B, H, 1, Dh], probs [B, H, 1, S] float32)``.
 
     Two batched matmuls and a float32 softmax: for one query this is faster on CPU than
     ``scaled_dot_product_attention``, whose kernels are built for blocks of queries.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)).float()  # [B, H, 1, S]
-    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float(), dim=-1)  # [B, H, 1, S]
+    return torch.matmul(probs.to(v.dtype), v), probs
 
 
 def _cached_attention(q: Tensor, k: Tensor, v: Tensor, cache_k: Tensor, cache_v: Tensor, past: Tensor) -> Tensor:
@@ -176,9 +186,11 @@ class DecoderStepGraph(nn.Module):
 
     It reuses the checkpoint's own modules (embeddings, layer norms, projections), so fine-tuned
     weights and the int8-quantized Linear layers of the CPU path are picked up unchanged.
+    ``alignment_heads``: ``(layer, head)`` pairs (the checkpoint's generation config) whose
+    cross-attention is returned as a fourth output ``[B, A, S]``, in the given order.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, alignment_heads: Sequence[tuple[int, int]] = ()) -> None:
         super().__init__()
         decoder = model.model.decoder
         config = model.config
@@ -192,6 +204,11 @@ class DecoderStepGraph(nn.Module):
         self.scale = self.head_dim**-0.5
         self.activation = decoder.layers[0].activation_fn
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.alignment_heads = tuple((int(layer), int(head)) for layer, head in alignment_heads)
+        for layer, head in self.alignment_heads:
+            if not (0 <= layer < len(self.layers) and 0 <= head < self.heads):
+                raise ValueError(f"alignment head ({layer}, {head}) is outside {len(self.layers)} layers x {self.heads} heads")
+        self._alignment_layers = frozenset(layer for layer, _ in self.alignment_heads)
 
     def forward(
         self,
@@ -201,12 +218,13 @@ class DecoderStepGraph(nn.Module):
         self_v: Sequence[Tensor],
         cross_k: Sequence[Tensor],
         cross_v: Sequence[Tensor],
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
         cache_len = self_k[0].shape[2]
         slots = torch.arange(cache_len, dtype=position.dtype, device=position.device)
         past = (slots < position).view(1, 1, 1, cache_len)
         x = self.embed_tokens(tokens) * self.embed_scale + self.embed_positions.weight.index_select(0, position)
         new_k, new_v = [], []
+        cross_probs: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
             # --- causal self-attention: the cache before `position` plus this token
             h = layer.self_attn_layer_norm(x)
@@ -222,21 +240,27 @@ class DecoderStepGraph(nn.Module):
             h = layer.encoder_attn_layer_norm(x)
             cross = layer.encoder_attn
             q = _split_heads(cross.q_proj(h), self.heads) * self.scale
-            o = _one_query_attention(q, cross_k[i], cross_v[i])
+            o, probs = _one_query_attention(q, cross_k[i], cross_v[i])
+            if i in self._alignment_layers:
+                cross_probs[i] = probs
             x = x + cross.out_proj(o.transpose(1, 2).reshape(x.shape))
             # --- MLP
             h = layer.final_layer_norm(x)
             x = x + layer.fc2(self.activation(layer.fc1(h)))
         x = self.layer_norm(x)
         logits = self.proj_out(x[:, 0, :]).float()  # [B, V]
-        return logits, torch.stack(new_k), torch.stack(new_v)
+        if not self.alignment_heads:
+            return logits, torch.stack(new_k), torch.stack(new_v)
+        alignment = torch.stack([cross_probs[layer][:, head, 0, :] for layer, head in self.alignment_heads], dim=1)
+        return logits, torch.stack(new_k), torch.stack(new_v), alignment  # alignment [B, A, S]
 
 
 class StackedCacheStep(nn.Module):
     """:class:`DecoderStepGraph` with the caches passed as stacked tensors (the CPU/CUDA graph).
 
     ``forward(tokens [B, 1], position [1], self_k [L, B, H, T, Dh], self_v, cross_k [L, B, H, S, Dh],
-    cross_v) -> (logits [B, V], new_k [L, B, H, 1, Dh], new_v)``; unbinding the stacks costs nothing.
+    cross_v) -> (logits [B, V], new_k [L, B, H, 1, Dh], new_v[, alignment [B, A, S]])``; unbinding
+    the stacks costs nothing.
     """
 
     def __init__(self, step: nn.Module) -> None:
@@ -252,7 +276,8 @@ class StatefulDecoderStep(nn.Module):
 
     ``states`` holds ``4L`` tensors in :data:`STATE_KINDS` order (``self_*``: ``[B, H, T, Dh]``,
     ``cross_*``: ``[B, H, S, Dh]``). ``forward(tokens [B, 1] int32, position [1] int32) ->
-    (logits [B, V] float32, *self_k, *self_v, *cross_k, *cross_v)``: the self caches come back
+    (logits [B, V] float32, *self_k, *self_v, *cross_k, *cross_v[, alignment [B, A, S]])``
+    (the alignment output last, after the aliased ones): the self caches come back
     with this token's key/value scattered in at ``position`` (new tensors, the states are only
     read) and the cross caches unchanged, so :attr:`aliases` maps state ``j`` to output
     ``j + 1`` and the runtime keeps all of them on the device.
@@ -281,11 +306,11 @@ class StatefulDecoderStep(nn.Module):
 
     def forward(self, tokens: Tensor, position: Tensor) -> tuple[Tensor, ...]:
         self_k, self_v, cross_k, cross_v = (self.kind(name) for name in STATE_KINDS)
-        logits, new_k, new_v = self.step(tokens, position, self_k, self_v, cross_k, cross_v)
+        logits, new_k, new_v, *alignment = self.step(tokens, position, self_k, self_v, cross_k, cross_v)
         index = position.long().view(1, 1, 1, 1).expand_as(new_k[0])  # [B, H, 1, Dh]
         written_k = [torch.scatter(cache, 2, index, new_k[i]) for i, cache in enumerate(self_k)]
         written_v = [torch.scatter(cache, 2, index, new_v[i]) for i, cache in enumerate(self_v)]
-        return (logits, *written_k, *written_v, *cross_k, *cross_v)
+        return (logits, *written_k, *written_v, *cross_k, *cross_v, *alignment)
 
 
 @dataclass(frozen=True)
@@ -304,17 +329,29 @@ class CacheShape:
 
 
 EncodeFn = Callable[[Tensor], tuple[Tensor, Tensor]]
-StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, ...]]
+ALIGNMENT_DTYPE = torch.float16
+"""Storage of recorded attention (probabilities; float16 keeps ~3 digits, halves the buffer)."""
+
+
+def _alignment_buffer(shape: CacheShape, heads: int, device: torch.device | None = None) -> Tensor | None:
+    """``[T, B, A, S]`` zeros for one batch's recorded attention, or ``None`` without alignment heads."""
+    if heads <= 0:
+        return None
+    return torch.zeros((shape.length, shape.batch, heads, SOURCE_POSITIONS), dtype=ALIGNMENT_DTYPE, device=device)
 
 
 class StaticCacheInference:
     """CPU/CUDA :class:`BatchInference`: caches as graph inputs, the new key/value written by the host.
 
     One instance per batch size; the cache is allocated once and reused for every batch, so the
-    decoder never allocates a cache. ``step`` is a :class:`StackedCacheStep` (possibly traced).
+    decoder never allocates a cache. ``step`` is a :class:`StackedCacheStep` (possibly traced);
+    with ``alignment_heads`` > 0 it returns the heads' attention, recorded per position into
+    :attr:`alignment` (allocated per batch, released by :meth:`finish`).
     """
 
-    def __init__(self, encode: EncodeFn, step: StepFn, shape: CacheShape, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, encode: EncodeFn, step: StepFn, shape: CacheShape, *, device: torch.device, dtype: torch.dtype,
+                 alignment_heads: int = 0) -> None:
         self._encode = encode
         self._step = step
         self.shape = shape
@@ -325,6 +362,8 @@ class StaticCacheInference:
         self.cross_v: Tensor | None = None
         self._positions = [torch.tensor([p], device=device, dtype=torch.int32) for p in range(shape.length)]
         self._slots = [torch.tensor([p], device=device, dtype=torch.long) for p in range(shape.length)]
+        self.alignment_heads = int(alignment_heads)
+        self.alignment: Tensor | None = None
 
     def start(self, mel: Tensor) -> None:
         if mel.shape[0] != self.shape.batch:
@@ -334,20 +373,24 @@ class StaticCacheInference:
         # deterministic for one memset per batch.
         self.self_k.zero_()
         self.self_v.zero_()
+        self.alignment = _alignment_buffer(self.shape, self.alignment_heads)
 
     def finish(self) -> None:
         """Drop the batch's cross-attention K/V (``2 x [L, B, H, 1500, Dh]``, the largest buffers)."""
         self.cross_k = self.cross_v = None
+        self.alignment = None
 
     def logits(self, tokens: Tensor, position: int) -> Tensor:
         if position >= self.shape.length:
             raise IndexError(f"position {position} is past the static cache length {self.shape.length}")
         assert self.cross_k is not None and self.cross_v is not None, "call start() first"
-        logits, new_k, new_v = self._step(
+        logits, new_k, new_v, *attention = self._step(
             tokens.to(self.device, torch.int32), self._positions[position], self.self_k, self.self_v, self.cross_k, self.cross_v
         )
         self.self_k.index_copy_(3, self._slots[position], new_k)
         self.self_v.index_copy_(3, self._slots[position], new_v)
+        if self.alignment is not None and attention:
+            self.alignment[position].copy_(attention[0])
         return logits
 
 
@@ -359,7 +402,9 @@ class StatefulInference:
     device copy per batch); each :meth:`logits` call sends only ``tokens [B, 1]`` and
     ``position [1]`` (int32). On Neuron the runtime writes the aliased outputs back into the
     states; with ``emulate_aliases`` (the ``jit`` backend on CPU) this class does it, as the
-    runtime would: after every call, output ``j + 1`` is copied into state ``j``.
+    runtime would: after every call, output ``j + 1`` is copied into state ``j``. A step built
+    with alignment heads returns their attention as its last output: recorded into
+    :attr:`alignment` when ``alignment_heads`` > 0, ignored otherwise.
     """
 
     def __init__(
@@ -371,6 +416,7 @@ class StatefulInference:
         *,
         dtype: torch.dtype,
         emulate_aliases: bool,
+        alignment_heads: int = 0,
     ) -> None:
         if len(states) != 4 * shape.layers:
             raise ValueError(f"expected {4 * shape.layers} state tensors for {shape.layers} layers, got {len(states)}")
@@ -382,6 +428,8 @@ class StatefulInference:
         self.emulate_aliases = emulate_aliases
         self._positions = [torch.tensor([p], dtype=torch.int32) for p in range(shape.length)]
         self._started = False
+        self.alignment_heads = int(alignment_heads)
+        self.alignment: Tensor | None = None
 
     def start(self, mel: Tensor) -> None:
         if mel.shape[0] != self.shape.batch:
@@ -392,10 +440,12 @@ class StatefulInference:
             for i in range(L):
                 self.states[2 * L + i].copy_(cross_k[i])
                 self.states[3 * L + i].copy_(cross_v[i])
+        self.alignment = _alignment_buffer(self.shape, self.alignment_heads)
         self._started = True
 
     def finish(self) -> None:
         self._started = False
+        self.alignment = None
 
     def logits(self, tokens: Tensor, position: int) -> Tensor:
         if position >= self.shape.length:
@@ -408,4 +458,6 @@ class StatefulInference:
                     out = outputs[j + 1]
                     if out.data_ptr() != state.data_ptr():  # cross K/V come back as the state itself
                         state.copy_(out)
+        if self.alignment is not None and len(outputs) > 1 + len(self.states):
+            self.alignment[position].copy_(outputs[-1])
         return outputs[0].float()

@@ -25,7 +25,7 @@ from batch_job.constants import static_cache_len
 from batch_job.engine import graph_cache
 from batch_job.engine.bundle import BucketGraphs, Device, ModelBundle, ModelDims, batch_buckets, checkpoint_parts
 from batch_job.engine.graph_cache import CacheSlot
-from batch_job.engine.models import LoadedModel, load_model, resolve_checkpoint, weights_checksum
+from batch_job.engine.models import LoadedModel, load_model, resolve_checkpoint, weights_checksum, word_timing_heads
 from batch_job.engine.runner import Engine
 from batch_job.errors import ModelError
 from batch_job.settings import Settings, usable_cores
@@ -114,9 +114,10 @@ def model_bundle(loaded: LoadedModel, settings: Settings, device: Device) -> Mod
 
     config = loaded.model.config
     dims = ModelDims.from_config(config, static_cache_len(config.max_target_positions, settings.max_new_tokens))
+    heads = word_timing_heads(loaded) if settings.word_timestamps else ()
     model = loaded.model.to(torch.device("cuda" if device == "cuda" else "cpu"), dtype=torch.float32).eval()
     encoder = EncoderGraph(model).eval()
-    step = StackedCacheStep(DecoderStepGraph(model)).eval()
+    step = StackedCacheStep(DecoderStepGraph(model, heads)).eval()
     sizes = batch_buckets(settings.batch_size)
     traced = None
     if device == "cpu" and settings.quantize_decoder:
@@ -141,9 +142,11 @@ def model_bundle(loaded: LoadedModel, settings: Settings, device: Device) -> Mod
         text=text,
         mel=mel,
         graphs=graphs,
+        alignment_heads=heads,
         loaded=loaded,
         traced=traced,
     )
+
 
 
 def cache_slot(settings: Settings) -> CacheSlot | None:
@@ -166,6 +169,7 @@ def _key_fields(settings: Settings, checksum: str, cache_len: int) -> dict:
     return graph_cache.key_fields(
         checksum=checksum, cache_len=cache_len, buckets=batch_buckets(settings.batch_size),
         quantize=settings.quantize_decoder, jit=settings.jit_decoder, encoder_dtype=cpu_encoder_dtype(settings),
+        word_timestamps=settings.word_timestamps,
     )
 
 

@@ -282,6 +282,8 @@ class LoadedModel:
     n_mels: int
     tokens: SpecialTokens
     """Special token ids (checked against the vocabulary) and the generation config's suppress lists."""
+    alignment_heads: tuple[tuple[int, int], ...] = ()
+    """``(layer, head)`` cross-attention heads that track the audio (generation config); word timestamps need them."""
 
 
 def load_model(
@@ -322,7 +324,27 @@ def load_model(
         checksum=weights_checksum(path),
         n_mels=n_mels,
         tokens=tokens,
+        alignment_heads=_alignment_heads(model),
     )
+
+
+def word_timing_heads(loaded: LoadedModel) -> tuple[tuple[int, int], ...]:
+    """The alignment heads word timestamps are computed from; :class:`ModelError` when the checkpoint has none."""
+    if not loaded.alignment_heads:
+        raise ModelError(
+            f"model {loaded.name!r} has no alignment_heads in its generation config, so word timestamps cannot be "
+            "computed; add them (openai's values for its base model) or turn word timestamps off"
+        )
+    return loaded.alignment_heads
+
+
+def _alignment_heads(model: Any) -> tuple[tuple[int, int], ...]:
+    """The generation config's ``alignment_heads`` (``[[layer, head], ...]``) as pairs; ``()`` when absent."""
+    heads = getattr(model.generation_config, "alignment_heads", None) or ()
+    try:
+        return tuple((int(layer), int(head)) for layer, head in heads)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"generation config alignment_heads {heads!r} is not a list of [layer, head] pairs") from exc
 
 
 def _torch_dtype(torch: Any, dtype: Any) -> Any:

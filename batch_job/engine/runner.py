@@ -39,10 +39,12 @@ class Engine:
         self.buckets = tuple(sorted(bundle.graphs))
         self.max_batch = max(self.buckets)
         torch_device = torch.device("cuda" if bundle.device == "cuda" else "cpu")
+        self.word_timestamps = bool(bundle.alignment_heads)
+        """The step graphs return the alignment heads' attention: results carry ``alignment``."""
         dims = bundle.dims
         self._inference = {
             b: bundle.graphs[b].inference(CacheShape(dims.layers, b, dims.heads, self.cache_len, dims.head_dim),
-                                          device=torch_device)
+                                          device=torch_device, alignment_heads=len(bundle.alignment_heads))
             for b in self.buckets
         }
 
@@ -87,7 +89,8 @@ class Engine:
             t2 = time.perf_counter()
             try:
                 results = decode_batch(
-                    inference, self.tokens, options, n_rows=n, batch_size=batch, temperatures=temperatures
+                    inference, self.tokens, options, n_rows=n, batch_size=batch, temperatures=temperatures,
+                    alignment=inference.alignment,
                 )
             finally:
                 # Each bucket would otherwise keep its last batch's encoder output alive: with

@@ -40,6 +40,7 @@ from batch_job.job.log import JsonLog
 from batch_job.job.signals import Interrupts
 from batch_job.result import Transcript
 from batch_job.settings import Settings
+from batch_job.subtitles import CueOptions
 from batch_job.writers import render
 
 #: Error reasons logged at level "error" (the others are the input's fault: "warning").
@@ -195,7 +196,8 @@ class ObjectJob:
                                  "warnings": [asdict(w) for w in self.warnings]}
         if self.rt.pack is not None:
             extra["pack"] = dict(self.rt.pack)
-        bodies = {fmt: render(transcript, fmt) for fmt in self.formats}
+        cue_options = CueOptions.from_settings(self.rt.settings)
+        bodies = {fmt: render(transcript, fmt, cue_options=cue_options) for fmt in self.formats}
         bodies["json"] = render(transcript, "json", extra=extra)
         self.upload_started = True
         if self.existing is not None:  # an older marker (another ETag) must not vouch for new files

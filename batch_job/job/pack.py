@@ -41,6 +41,7 @@ from batch_job.job.signals import Interrupts, signal_handlers
 from batch_job.neuron_monitor import NeuronMonitorSampler
 from batch_job.result import FileResult
 from batch_job.settings import Settings
+from batch_job.subtitles import CueOptions
 from batch_job.writers import FORMATS
 
 #: Seconds between progress log lines while decoding.
@@ -130,6 +131,10 @@ def _plan(settings: Settings, entries: Sequence[tuple[str, str | None]],
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"unknown output format(s) {unknown}; known: {list(FORMATS)}")
+    try:
+        CueOptions.from_settings(settings)
+    except ValueError as exc:
+        raise ConfigError(f"subtitle settings: {exc}") from None
     if not entries:
         raise ConfigError("the job names no input")
     targets = []

@@ -91,11 +91,13 @@ class GraphSet:
     """``{state parameter: output index}`` (``input_output_aliases``)."""
 
 
-def graph_shapes(dims: Any, batch_size: int, cache_len: int, dtype: str = DEFAULT_DTYPE) -> dict[str, dict[str, Any]]:
+def graph_shapes(dims: Any, batch_size: int, cache_len: int, dtype: str = DEFAULT_DTYPE,
+                 alignment_heads: int = 0) -> dict[str, dict[str, Any]]:
     """Inputs, state and outputs of both graphs for one batch size, as the engine expects them (manifest form).
 
     ``dims`` has ``layers``, ``heads``, ``head_dim``, ``n_mels`` and ``vocab_size``
-    (:class:`~batch_job.engine.graph_cache.ModelDims`).
+    (:class:`~batch_job.engine.bundle.ModelDims`); ``alignment_heads`` > 0 adds the step's
+    ``alignment [B, A, 1500]`` float32 output (word timestamps).
     """
     from batch_job.constants import N_AUDIO_CTX as SOURCE_POSITIONS
     from batch_job.constants import N_FRAMES
@@ -107,6 +109,9 @@ def graph_shapes(dims: Any, batch_size: int, cache_len: int, dtype: str = DEFAUL
         return {"shape": list(shape), "dtype": dt}
 
     cross = t((L, B, H, SOURCE_POSITIONS, Dh))
+    step_outputs = {"logits": t((B, int(dims.vocab_size)), "float32")}
+    if alignment_heads:
+        step_outputs["alignment"] = t((B, int(alignment_heads), SOURCE_POSITIONS), "float32")
     state_shapes = {"self_k": (B, H, cache_len, Dh), "self_v": (B, H, cache_len, Dh),
                     "cross_k": (B, H, SOURCE_POSITIONS, Dh), "cross_v": (B, H, SOURCE_POSITIONS, Dh)}
     return {
@@ -118,12 +123,13 @@ def graph_shapes(dims: Any, batch_size: int, cache_len: int, dtype: str = DEFAUL
             "inputs": {"tokens": t((B, 1), "int32"), "position": t((1,), "int32")},
             "state": {kind: {**t(state_shapes[kind]), "layers": L} for kind in STATE_KINDS},
             "state_order": list(STATE_KINDS),
-            "outputs": {"logits": t((B, int(dims.vocab_size)), "float32")},
+            "outputs": step_outputs,
         },
     }
 
 
-def recorded_shapes(graphs: GraphSet, encoder_outputs: Sequence[Any], logits: Any) -> dict[str, dict[str, Any]]:
+def recorded_shapes(graphs: GraphSet, encoder_outputs: Sequence[Any], logits: Any,
+                    alignment: Any = None) -> dict[str, dict[str, Any]]:
     """The manifest's graph entry read off the real tensors: example inputs, state parameters, outputs.
 
     Recorded rather than computed, so the manifest shows what the traced graphs take and hold;
@@ -150,12 +156,13 @@ def recorded_shapes(graphs: GraphSet, encoder_outputs: Sequence[Any], logits: An
             "inputs": dict(zip(("tokens", "position"), (t(x) for x in graphs.step_inputs))),
             "state": state,
             "state_order": list(STATE_KINDS),
-            "outputs": {"logits": t(logits)},
+            "outputs": {"logits": t(logits), **({"alignment": t(alignment)} if alignment is not None else {})},
         },
     }
 
 
-def build_graphs(loaded, batch_size: int, cache_len: int, dtype: str = DEFAULT_DTYPE) -> GraphSet:
+def build_graphs(loaded, batch_size: int, cache_len: int, dtype: str = DEFAULT_DTYPE,
+                 alignment_heads: Sequence[tuple[int, int]] = ()) -> GraphSet:
     """The engine's modules at ``batch_size`` in ``dtype``, ready for tracing, with example inputs.
 
     A bfloat16 set works on a cast copy of ``loaded.model`` (:func:`~batch_job.engine.graphs.cast_for_inference`:
@@ -179,7 +186,7 @@ def build_graphs(loaded, batch_size: int, cache_len: int, dtype: str = DEFAULT_D
     if cache_len > int(config.max_target_positions):
         raise ModelError(f"cache length {cache_len} exceeds the model's {config.max_target_positions} positions")
     encoder = EncoderGraph(model).eval()
-    step = StatefulDecoderStep(DecoderStepGraph(model).eval(), batch=int(batch_size), cache_len=int(cache_len),
+    step = StatefulDecoderStep(DecoderStepGraph(model, alignment_heads).eval(), batch=int(batch_size), cache_len=int(cache_len),
                                dtype=torch_dtype).eval()
     mel = torch.zeros(batch_size, int(config.num_mel_bins), N_FRAMES, dtype=torch_dtype)
     step_inputs = (
@@ -265,18 +272,21 @@ def compile_model(
     cpu_backend: bool = False,
     compiler_args: Sequence[str] | None = None,
     workdir: str | Path | None = None,
+    word_timestamps: bool = False,
 ) -> dict[str, Any]:
     """Trace and save the graphs of ``loaded`` for every batch size; returns the manifest written.
 
     Layout: ``out_dir/b<B>/encoder.pt``, ``out_dir/b<B>/step.pt`` (``torch.jit.save``), the side
     data (``mel_filters.npy``, ``tokenizer.json``) and ``out_dir/manifest.json``, written last
-    (an interrupted compile leaves no manifest).
+    (an interrupted compile leaves no manifest). ``word_timestamps``: the step also returns the
+    checkpoint's alignment heads' attention (recorded as ``alignment_heads`` in the manifest).
     """
     import torch
 
     from batch_job.constants import PROMPT_SLOTS, static_cache_len
     from batch_job.engine.artifacts import MANIFEST_NAME, write_manifest, write_side_data
     from batch_job.engine.bundle import ModelDims, checkpoint_parts
+    from batch_job.engine.models import word_timing_heads
     from batch_job.engine.neuron.manifest import FORMAT, installed_versions
 
     if backend not in ("neuron", "jit"):
@@ -292,17 +302,19 @@ def compile_model(
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # incomplete until the new manifest is written
     config = loaded.model.config
     cache_len = static_cache_len(config.max_target_positions, max_new_tokens)
+    heads = word_timing_heads(loaded) if word_timestamps else ()
     dims = ModelDims.from_config(config, cache_len)
     mel, text = checkpoint_parts(loaded)
     side = write_side_data(out, tokens=loaded.tokens, dims=dims, mel=mel, text=text)
     graphs_entry: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for b in sizes:
-        graphs = build_graphs(loaded, b, cache_len, dtype)
+        graphs = build_graphs(loaded, b, cache_len, dtype, heads)
         with torch.no_grad():  # one eager run: the real output shapes and dtypes for the manifest
             encoder_outputs = graphs.encoder(*graphs.encoder_inputs)
-            logits = graphs.step(*graphs.step_inputs)[0]
-        entry = recorded_shapes(graphs, encoder_outputs, logits)
+            outputs = graphs.step(*graphs.step_inputs)
+        entry = recorded_shapes(graphs, encoder_outputs, outputs[0], outputs[-1] if heads else None)
+        del outputs
         del encoder_outputs
         t0 = time.perf_counter()
         if backend == "neuron":
@@ -332,6 +344,7 @@ def compile_model(
         "cache_len": cache_len,
         "max_new_tokens": cache_len - PROMPT_SLOTS,
         "batch_sizes": sizes,
+        "alignment_heads": [list(pair) for pair in heads],
         "graphs": graphs_entry,
         **side,
         "trace_seconds": timings,
@@ -376,6 +389,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--backend", choices=("neuron", "jit"), default="neuron",
                    help="neuron (default) or jit: torch.jit.trace on CPU, same artifacts, for testing the load path")
     p.add_argument("--compiler-workdir", help="keep neuronx-cc work files (logs, NEFFs) here")
+    p.add_argument("--word-timestamps", action="store_true",
+                   help="the step also returns the alignment heads' attention: needed by jobs with word timestamps")
     p.set_defaults(func=_command)
 
 
@@ -424,6 +439,7 @@ def _command(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             cpu_backend=args.cpu_backend,
             workdir=args.compiler_workdir,
+            word_timestamps=args.word_timestamps,
         )
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,11 +18,13 @@ Layout (``format`` 2)::
       "cache_len": 228,                     # static self-attention cache slots (prompt + tokens)
       "max_new_tokens": 224,
       "batch_sizes": [8],
+      "alignment_heads": [[2, 3], ...],     # --word-timestamps: heads whose attention the step returns
       "graphs": {"8": {"encoder": {"file": "b8/encoder.pt", "inputs": {...}, "outputs": {...}},
                        "step": {"file": "b8/step.pt",
                                 "inputs": {"tokens": int32 [8, 1], "position": int32 [1]},
                                 "state": {"self_k": {"shape": [8, 20, 228, 64], "dtype": ..., "layers": 4}, ...},
-                                "outputs": {"logits": float32 [8, V]}, "state_order": [...]}}},
+                                "outputs": {"logits": float32 [8, V]          # + "alignment": float32 [8, A, 1500]
+                                            }, "state_order": [...]}}},     #   with --word-timestamps
       "dims": {...}, "tokens": {...}, "mel": {...}, "tokenizer": {...},   # side data: no eager model at run time
       "versions": {"torch": "...", "torch-neuronx": "...", "neuronx-cc": "...",
                    "transformers": "...", "whisper-batch": "..."},

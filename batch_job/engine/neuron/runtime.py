@@ -88,11 +88,11 @@ class StatefulGraphs:
     dtype: Any
     emulate_aliases: bool
 
-    def inference(self, shape: Any, *, device: Any = None) -> Any:
+    def inference(self, shape: Any, *, device: Any = None, alignment_heads: int = 0) -> Any:
         from batch_job.engine.graphs import StatefulInference
 
         return StatefulInference(self.encode, self.step, self.states, shape, dtype=self.dtype,
-                                 emulate_aliases=self.emulate_aliases)
+                                 emulate_aliases=self.emulate_aliases, alignment_heads=alignment_heads)
 
 
 def running_versions(backend: str) -> dict[str, str | None]:
@@ -132,13 +132,17 @@ def load_bundle(settings: Settings, *, batch_sizes: Sequence[int] | None = None)
     cache_len = static_cache_len(dims.max_target_positions, settings.max_new_tokens)
     dtype = manifest["dtype"]
     sizes = sorted(int(b) for b in manifest["batch_sizes"])
+    heads = tuple((int(layer), int(head)) for layer, head in manifest.get("alignment_heads") or ())
+    if settings.word_timestamps and not heads:
+        raise ModelError(f"{root}: word timestamps need graphs compiled with --word-timestamps; recompile, "
+                         "or turn word timestamps off")
     check_manifest(
         manifest,
         model_id=settings.model,
         cache_len=cache_len,
         batch_sizes=batch_sizes,
         versions=running_versions(backend),
-        shapes={b: graph_shapes(dims, b, cache_len, dtype) for b in sizes},
+        shapes={b: graph_shapes(dims, b, cache_len, dtype, len(heads)) for b in sizes},
     )
     move: Callable | None = None
     if backend == "neuron":  # pragma: no cover - needs torch-neuronx and inf2
@@ -159,7 +163,8 @@ def load_bundle(settings: Settings, *, batch_sizes: Sequence[int] | None = None)
     log.info("loaded %s graphs (%s) for batch sizes %s from %s", backend, dtype, sizes, root)
     model = manifest["model"]
     return ModelBundle(name=model["id"], checksum=model["checksum"], device="neuron", tokens=tokens, dims=dims,
-                       text=text, mel=mel, graphs=graphs, source="compiled", cache_path=root)
+                       text=text, mel=mel, graphs=graphs, source="compiled", cache_path=root,
+                       alignment_heads=heads if settings.word_timestamps else ())
 
 
 def _load_graph(path: Path, move: Callable | None) -> Any:
