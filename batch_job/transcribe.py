@@ -361,11 +361,7 @@ class Transcriber:
             no_space=result.language in NO_SPACE_LANGUAGES,
         )
         per_span, _ = assign_words(timings, [s.tokens for s in spans], [(s.start, s.end) for s in spans], last_speech=0.0)
-        out = []
-        for seg in per_span:
-            out.append(tuple(Word(w.word, w.start, w.end, round(w.probability, 4)) for w in seg.words))
-        out += [()] * (len(spans) - len(out))
-        return out
+        return [tuple(Word(w.word, w.start, w.end, round(w.probability, 4)) for w in seg.words) for seg in per_span]
 
     def _finish(self, state: _FileState, options: DecodingOptions) -> FileResult:
         duration = len(state.audio) / SAMPLE_RATE

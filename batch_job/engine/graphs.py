@@ -373,7 +373,7 @@ class StaticCacheInference:
         # deterministic for one memset per batch.
         self.self_k.zero_()
         self.self_v.zero_()
-        self.alignment = _alignment_buffer(self.shape, self.alignment_heads)
+        self.alignment = _alignment_buffer(self.shape, self.alignment_heads, self.device)
 
     def finish(self) -> None:
         """Drop the batch's cross-attention K/V (``2 x [L, B, H, 1500, Dh]``, the largest buffers)."""

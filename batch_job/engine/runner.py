@@ -39,8 +39,6 @@ class Engine:
         self.buckets = tuple(sorted(bundle.graphs))
         self.max_batch = max(self.buckets)
         torch_device = torch.device("cuda" if bundle.device == "cuda" else "cpu")
-        self.word_timestamps = bool(bundle.alignment_heads)
-        """The step graphs return the alignment heads' attention: results carry ``alignment``."""
         dims = bundle.dims
         self._inference = {
             b: bundle.graphs[b].inference(CacheShape(dims.layers, b, dims.heads, self.cache_len, dims.head_dim),
