@@ -263,6 +263,10 @@ class Packed:
             pos += (b - a) + self.gap
         return out
 
+    def piece_starts(self) -> tuple[int, ...]:
+        """Where each span begins in the window (samples): ``0`` first."""
+        return tuple(w0 for w0, _, _ in self._offsets())
+
     def to_file(self, sample: int) -> int:
         """Sample index inside the packed window -> sample index in the file.
 
@@ -356,6 +360,10 @@ class Joined:
             out.append(pos)
             pos += p.samples + self.gap
         return out
+
+    def piece_starts(self) -> tuple[int, ...]:
+        """Where each span of each part begins in the window (samples): ``0`` first."""
+        return tuple(w0 + s for w0, p in zip(self._offsets(), self.parts) for s in p.piece_starts())
 
     def audio(self, audio: np.ndarray) -> np.ndarray:
         """The joined window's samples."""

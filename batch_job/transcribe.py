@@ -275,11 +275,15 @@ class Transcriber:
         state.segments.extend(segments)
         state.languages.append(result.language)
         tail = task.window.tail(consumed) if consumed > 0 else None
-        if (
-            tail is not None
-            and tail.samples >= g.min_tail_seconds * SAMPLE_RATE
-            and task.continuation < g.max_continuations
-        ):
+        if tail is None:
+            return None
+        if consumed in task.window.piece_starts()[1:]:
+            # Decoding resumes at a piece nothing was decoded from (_resume_at_unheard_piece):
+            # always go on, whatever its length and the continuation budget (each such tail
+            # drops at least one piece, so this ends).
+            state.pending += 1
+            return _Task(task.file, tail, continuation=task.continuation)
+        if tail.samples >= g.min_tail_seconds * SAMPLE_RATE and task.continuation < g.max_continuations:
             state.pending += 1
             return _Task(task.file, tail, continuation=task.continuation + 1)
         return None
@@ -288,6 +292,7 @@ class Transcriber:
         """Timestamp tokens -> segments in file seconds; also the window sample up to which it is consumed."""
         spans, consumed = self._split_by_timestamps(result, task)
         window = task.window
+        consumed = _resume_at_unheard_piece(window, spans, consumed)
         words = self._word_times(result, task, spans) if result.alignment is not None else None
         out: list[_Piece] = []
         for i, span in enumerate(spans):
@@ -422,6 +427,23 @@ def _share_encoder_passes(queue: list[_Task], files: dict[int, _FileState]) -> i
     before = len(queue)
     queue[:] = [t for t in queue if id(t) not in gone] + joined
     return before - len(queue)
+
+
+def _resume_at_unheard_piece(window: EncoderWindow, spans: Sequence[_Span], consumed: int) -> int:
+    """Where decoding of ``window`` goes on: ``consumed``, or earlier, at the first piece that
+    starts after the decoded text ended.
+
+    A packed or joined window holds several stretches of speech with short silences between
+    them. Whisper often ends its output (``<|endoftext|>``) after the first of two unrelated
+    utterances, which would mark the whole window consumed and lose the others; those pieces
+    are decoded again, as a tail, instead.
+    """
+    said = [s for s in spans if s.tokens]
+    said_until = int(round(said[-1].end * SAMPLE_RATE)) if said else 0
+    unheard = [start for start in window.piece_starts()[1:] if start >= said_until]
+    if unheard and (consumed <= 0 or consumed > unheard[0]):
+        return unheard[0]
+    return consumed
 
 
 def _drop_repeats(segments: list[_Piece]) -> list[_Piece]:

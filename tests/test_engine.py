@@ -161,6 +161,38 @@ def test_unconsumed_tail_is_requeued():
     assert state.segments[0][:3] == (0.0, 5.0, "hello")
 
 
+@pytest.mark.parametrize("continuation", [0, 4])  # 4 = Guards.max_continuations: spent, still resumed
+def test_pieces_after_the_decoded_text_are_decoded_again(continuation):
+    """A packed window whose text ends (eot) inside its first piece leaves the later pieces
+    undecoded: they are re-queued from the next piece on, even short and past the tail budget."""
+    sr = 16000
+    engine = _FakeEngine({1: " hello"})
+    tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
+    state = _FileState(name="x", audio=np.zeros(sr * 40, np.float32), pending=1)
+    window = Packed(((0, 5 * sr), (20 * sr, 20 * sr + sr // 2), (30 * sr, 31 * sr)), gap=sr // 2)  # 5 s, 0.5 s, 1 s
+    toks = [1002, 1, 1002 + 240]  # "hello" 0-4.8 s, then <|endoftext|>: "the window is done"
+    follow = tr._accept(_Task(0, window, continuation=continuation), _result(toks), state)
+    assert follow is not None and follow.window.spans == window.spans[1:]
+    assert follow.continuation == continuation and state.pending == 2
+    assert state.segments[0][:3] == (0.0, 4.8, "hello")
+    # the model now reads the 0.5 s piece (0-0.5 s of the tail) and stops: the 1 s piece goes on
+    again = tr._accept(follow, _result([1002, 1, 1002 + 25]), state)
+    assert again is not None and again.window.spans == window.spans[2:]
+    # text running into the last piece ends it: nothing is left unheard
+    assert tr._accept(again, _result([1002, 1, 1002 + 50]), state) is None
+    assert [seg[0] for seg in state.segments] == [0.0, 20.0, 30.0]
+
+
+def test_a_window_read_to_its_last_piece_is_done():
+    sr = 16000
+    tr = Transcriber(_FakeEngine({1: " hello"}), settings=None)  # type: ignore[arg-type]
+    state = _FileState(name="x", audio=np.zeros(sr * 40, np.float32), pending=1)
+    window = Packed(((0, 5 * sr), (20 * sr, 24 * sr)), gap=sr // 2)  # the second piece starts at 5.5 s
+    toks = [1002, 1, 1002 + 250, 1002 + 250, 1, 1002 + 470]  # two segments, the second inside piece two
+    assert tr._accept(_Task(0, window), _result(toks), state) is None
+    assert [seg[2] for seg in state.segments] == ["hello", "hello"]
+
+
 class _ScriptedEngine(_FakeEngine):
     """A fake engine whose model leaves the last 10 s of any row over 22 s undecoded.
 

@@ -102,3 +102,14 @@ def test_group_to_fill_uses_fewest_passes_within_the_limit():
     # 28 and 30 s stay alone; the 32 s of short windows (+ gaps) need two passes, not five
     assert len(groups) == 4
     assert sorted(len(g) for g in groups) == [1, 1, 1, 4]
+
+
+def test_piece_starts_in_window_samples():
+    p = Packed(((2 * SR, 4 * SR), (50 * SR, 53 * SR)), gap=SR // 2)
+    assert p.piece_starts() == (0, 2 * SR + SR // 2)
+    late = Packed(((70 * SR, 71 * SR),), gap=SR // 2)
+    joined = join_windows([late, p])
+    # the parts in file order, each part's own pieces, the join's gap between the parts
+    assert joined.piece_starts() == (0, 2 * SR + SR // 2, p.samples + SR // 2)
+    row = joined.audio(np.arange(80 * SR, dtype=np.float32))
+    assert [int(row[s]) for s in joined.piece_starts()] == [2 * SR, 50 * SR, 70 * SR]
