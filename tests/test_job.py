@@ -114,6 +114,13 @@ def real_transcriber(model_cache_dir):
     return Transcriber.load(Settings(model="tiny.en", cache_dir=str(model_cache_dir)))
 
 
+@pytest.fixture(scope="module")
+def real_words_transcriber(model_cache_dir):
+    from batch_job.transcribe import Transcriber
+
+    return Transcriber.load(Settings(model="tiny.en", cache_dir=str(model_cache_dir), batch_size=4, word_timestamps=True))
+
+
 class CountingFactory:
     def __init__(self, transcriber):
         self.transcriber = transcriber
@@ -198,6 +205,30 @@ def test_happy_path_real_model(aws, settings, real_transcriber):
     for stage in ("start", "head", "download", "audio", "model_ready", "first_window", "transcribed", "uploaded", "done"):
         assert stage in stages
     assert all("elapsed_s" in s and "ts" in s for s in rec.stages())
+
+
+def test_word_timestamps_setting_reaches_the_outputs(aws, settings, real_words_transcriber):
+    """WHISPER_BATCH_WORD_TIMESTAMPS / Settings.word_timestamps (the stack's WordTimestamps): JSON
+    words on the file's timeline, and subtitle cues within the configured line width."""
+    key = "words/jfk.flac"
+    upload(aws, key, shared_clip("jfk.flac"))
+    settings = settings.replace(word_timestamps=True, max_line_width=16)
+    result, rec = run(aws, key, settings, transcriber_factory=CountingFactory(real_words_transcriber))
+    assert result.exit_code == exit_codes.OK, rec.stages()
+    marker = get_json(aws, PREFIX + key + ".json")
+    words = [w for seg in marker["segments"] for w in seg["words"]]
+    assert len(words) >= 20 and words[-1]["end"] <= marker["duration"]
+    assert all(a["end"] <= b["start"] for a, b in zip(words, words[1:]))
+    srt = aws.get_object(Bucket=OUT, Key=PREFIX + key + ".srt")["Body"].read().decode()
+    text_lines = [line for line in srt.splitlines() if line and "-->" not in line and not line.isdigit()]
+    assert text_lines and all(len(line) <= 16 for line in text_lines)
+
+
+def test_impossible_cue_settings_are_a_config_error(aws, settings):
+    upload(aws, "cue/jfk.flac", shared_clip("jfk.flac"))
+    result, _ = run(aws, "cue/jfk.flac", settings.replace(max_line_count=0), transcriber_factory=no_model)
+    assert result.exit_code == exit_codes.CONFIG_ERROR
+    assert out_keys(aws) == []
 
 
 @pytest.mark.parametrize("key", [

@@ -21,7 +21,9 @@ import json
 import re
 import sys
 import types
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -321,6 +323,56 @@ def test_compiled_graphs_are_refused_for_another_model_or_cache(compiled_dir, se
         load_bundle(settings.replace(model="base", compiled_dir=str(compiled_dir)))
     with pytest.raises(ModelError, match=r"static cache of 100 slots, the engine needs 36"):
         load_bundle(settings.replace(max_new_tokens=32, compiled_dir=str(compiled_dir)))
+
+
+# --------------------------------------------------------------------------- word timestamps
+@pytest.fixture(scope="module")
+def compiled_words_dir(tmp_path_factory, model_cache_dir):
+    """``whisper-batch compile --backend jit --word-timestamps`` output for batch size 4 (float32)."""
+    from batch_job.cli import main
+
+    out = tmp_path_factory.mktemp("compiled-words") / "graphs"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WHISPER_BATCH_CACHE_DIR", str(model_cache_dir))
+        code = main(["compile", "--model", "tiny.en", "--batch-size", "4", "--max-tokens", str(MAX_TOKENS), "--out",
+                     str(out), "--backend", "jit", "--dtype", "float32", "--word-timestamps"])
+    assert code == 0
+    return out
+
+
+def _neuron_engine(settings, compiled: Path, neuron_env, **overrides):
+    from batch_job.engine.loading import load_engine
+
+    neuron_env.setattr("batch_job.engine.loading.resolve_device", lambda requested: "neuron")
+    return load_engine(settings.replace(device="neuron", compiled_dir=str(compiled), **overrides))
+
+
+def test_compiled_word_graphs_record_the_eager_attention(compiled_words_dir, loaded, settings, rows, options, neuron_env):
+    """The compiled step's alignment output, through the stateful runtime, equals the CPU engine's."""
+    from batch_job.engine.loading import model_bundle
+    from batch_job.engine.runner import Engine
+
+    manifest = json.loads((compiled_words_dir / "manifest.json").read_text())
+    assert manifest["alignment_heads"] == [list(h) for h in loaded.alignment_heads]
+    engine = _neuron_engine(settings, compiled_words_dir, neuron_env, word_timestamps=True)
+    assert engine.bundle.alignment_heads == loaded.alignment_heads
+    eager_words = Engine(model_bundle(loaded, settings.replace(word_timestamps=True), "cpu"))
+    got, want = engine.decode(rows, options)[0], eager_words.decode(rows, options)[0]
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    for g, w in zip(got, want):
+        assert g.alignment is not None and g.alignment.shape == w.alignment.shape
+        np.testing.assert_allclose(g.alignment, w.alignment, atol=2e-3)
+
+
+def test_word_graphs_serve_jobs_without_word_timestamps(compiled_words_dir, settings, rows, options, reference, neuron_env):
+    engine = _neuron_engine(settings, compiled_words_dir, neuron_env)
+    results = engine.decode(rows, options)[0]
+    assert [r.tokens for r in results] == reference[4] and all(r.alignment is None for r in results)
+
+
+def test_word_timestamps_need_graphs_compiled_with_them(compiled_dir, settings, neuron_env):
+    with pytest.raises(ModelError, match="word timestamps need graphs compiled with --word-timestamps"):
+        load_bundle(settings.replace(compiled_dir=str(compiled_dir), word_timestamps=True))
 
 
 class _FakeNeuron(types.ModuleType):
