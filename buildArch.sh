@@ -19,6 +19,7 @@ SUBNETS=""
 SECURITY_GROUPS=""
 IMAGE_TAG=""
 ALARM_EMAIL=""
+WORD_TIMESTAMPS=""
 USE_SPOT=""
 DRY_RUN=0
 EXTRA_PARAMS=()
@@ -45,6 +46,8 @@ Options:
   --image-tag TAG          image tag (default: <model>-<UTC timestamp>; tags are immutable)
   --alarm-email ADDRESS    subscribe ADDRESS to the alarms' (encrypted) SNS topic
   --spot                   run the compute environment on Spot
+  --word-timestamps        time every word (stack parameter WordTimestamps=true; the image's graphs
+                           always carry the alignment output, so no rebuild is needed to switch)
   --parameter KEY=VALUE    extra template parameter override (repeatable)
   --dry-run                print every aws/docker command instead of running it
   -h, --help               show this help
@@ -73,6 +76,7 @@ while [[ $# -gt 0 ]]; do
     --image-tag) need_value "$@"; IMAGE_TAG=$2; shift 2 ;;
     --alarm-email) need_value "$@"; ALARM_EMAIL=$2; shift 2 ;;
     --spot) USE_SPOT=true; shift ;;
+    --word-timestamps) WORD_TIMESTAMPS=true; shift ;;
     --parameter) need_value "$@"; EXTRA_PARAMS+=("$2"); shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     *) die "unknown option: $1 (see --help)" ;;
@@ -278,6 +282,7 @@ deploy() {
   if [[ -n "$SECURITY_GROUPS" ]]; then overrides+=("SecurityGroupIds=$SECURITY_GROUPS"); fi
   if [[ -n "$ALARM_EMAIL" ]]; then overrides+=("AlarmEmail=$ALARM_EMAIL"); fi
   if [[ -n "$USE_SPOT" ]]; then overrides+=("UseSpot=$USE_SPOT"); fi
+  if [[ -n "$WORD_TIMESTAMPS" ]]; then overrides+=("WordTimestamps=$WORD_TIMESTAMPS"); fi
   if [[ ${#EXTRA_PARAMS[@]} -gt 0 ]]; then overrides+=("${EXTRA_PARAMS[@]}"); fi
   run aws cloudformation deploy --region "$REGION" --stack-name "$STACK_NAME" \
     --template-file "$TEMPLATE" --s3-bucket "$ARTIFACTS_BUCKET" --s3-prefix cloudformation \

@@ -214,6 +214,22 @@ def test_dry_run_with_network_given_discovers_nothing(fakes):
     assert {"VpcId=vpc-123", "SubnetIds=subnet-1,subnet-2", "SecurityGroupIds=sg-9"} <= set(overrides)
 
 
+def test_word_timestamps_flag_sets_the_stack_parameter(fakes):
+    from test_template import load_template
+
+    _, _, env = fakes
+    base = ["--dry-run", "--region", "eu-west-1", "--vpc-id", "vpc-1", "--subnets", "subnet-1"]
+
+    def overrides(args: list[str]) -> list[str]:
+        proc = run_script(base + args, env)
+        assert proc.returncode == 0, proc.stderr
+        return one(printed(proc.stdout), "aws cloudformation deploy").split("--parameter-overrides", 1)[1].split()
+
+    assert not any(o.startswith("WordTimestamps=") for o in overrides([]))  # the template's default (off)
+    assert "WordTimestamps=true" in overrides(["--word-timestamps"])
+    assert load_template()["Parameters"]["WordTimestamps"]["AllowedValues"] == ["true", "false"]
+
+
 # ---------------------------------------------------------------------------- runs against the fakes
 @pytest.fixture
 def project_copy(tmp_path):

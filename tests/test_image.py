@@ -13,6 +13,7 @@ import ast
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -266,8 +267,9 @@ def test_default_model_is_turbo_and_large_v3_is_a_build_arg(steps):
 
 def test_compile_step(steps):
     _, run = run_with(steps, "whisper-batch compile")
-    argv = shlex.split(run.split("&&")[0])
+    argv = shlex.split(next(part for part in run.split("&&") if part.strip().startswith("whisper-batch compile")))
     assert argv[:2] == ["whisper-batch", "compile"]
+    assert "${words}" in argv  # the WORD_TIMESTAMPS switch (test_word_timestamps_build_arg)
     opts = dict(zip(argv[2::1], argv[3::1]))
     assert opts["--model"] == "${MODEL}" and opts["--batch-size"] == "${BATCH_SIZE}"
     assert opts["--max-tokens"] == "${MAX_TOKENS}" and opts["--out"] == "/opt/whisper-batch/compiled"
@@ -277,6 +279,24 @@ def test_compile_step(steps):
     cleanup = [part.strip() for part in run.split("&&") if part.strip().startswith("find ")]
     assert cleanup and "-delete" in cleanup[0] and "*.safetensors" in cleanup[0]
     assert "$HF_HOME" in cleanup[0] and "$WHISPER_BATCH_CACHE_DIR" in cleanup[0]
+
+
+def test_word_timestamps_build_arg(steps):
+    """WORD_TIMESTAMPS=1 (default) compiles the alignment output, 0 leaves it out, anything else fails."""
+    assert build_args(steps)["WORD_TIMESTAMPS"] == "1"
+    _, run = run_with(steps, "whisper-batch compile")
+    switch = run.split("&&")[0]
+    assert switch.lstrip().startswith("case ")
+
+    def words_for(value: str) -> subprocess.CompletedProcess:
+        script = f'{switch} && printf "[%s]" "$words"'
+        return subprocess.run(["bash", "-c", script], env={"WORD_TIMESTAMPS": value, "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True)
+
+    assert words_for("1").stdout == "[--word-timestamps]"
+    assert words_for("0").stdout == "[]"
+    bad = words_for("yes")
+    assert bad.returncode != 0 and "WORD_TIMESTAMPS must be 1 or 0" in bad.stderr
 
 
 def test_entrypoint_resets_the_dlc_one(steps):

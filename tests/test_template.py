@@ -517,6 +517,22 @@ def test_job_definitions_contract_devices_and_env(resources):
     assert timeouts == {"StandardJobTimeoutSeconds", "LongJobTimeoutSeconds"}
 
 
+def test_word_timestamps_parameter_reaches_every_job(tpl, resources):
+    """The stack's WordTimestamps switch is the worker's WHISPER_BATCH_WORD_TIMESTAMPS, which
+    Settings reads as a bool ("true"/"false" are the parameter's only values)."""
+    from batch_job.settings import Settings
+
+    param = tpl["Parameters"]["WordTimestamps"]
+    assert param["Default"] == "false" and param["AllowedValues"] == ["true", "false"]
+    for name, jd in job_definitions(resources).items():
+        env = {e["Name"]: e["Value"] for e in props(jd)["ContainerProperties"]["Environment"]}
+        assert env["WHISPER_BATCH_WORD_TIMESTAMPS"] == {"Ref": "WordTimestamps"}, name
+    for value, expected in (("true", True), ("false", False)):
+        assert Settings.from_env({"WHISPER_BATCH_WORD_TIMESTAMPS": value}).word_timestamps is expected
+    groups = tpl["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+    assert any("WordTimestamps" in g["Parameters"] for g in groups)
+
+
 def test_two_jobs_fit_on_one_inf2_xlarge(resources):
     for name, jd in job_definitions(resources).items():
         req = {r["Type"]: int(r["Value"]) for r in props(jd)["ContainerProperties"]["ResourceRequirements"]}
