@@ -6,6 +6,8 @@ measures in one run, with the same weights, the same audio and the same thread c
 
 * ``ours``: :class:`batch_job.transcribe.Transcriber` with default settings (CPU, int8 decoder),
   ``transcribe_many`` over all files, so windows are batched ACROSS files (a design advantage);
+* ``ours-words``: the same with ``word_timestamps=True`` (the cost of word timing: alignment-head
+  attention recorded per step, then median filter + DTW per segment);
 * ``fw``: faster-whisper ``WhisperModel(ct2_dir, device="cpu", compute_type="int8")``,
   ``transcribe(path, beam_size=1)``, every other option at faster-whisper's default, one file
   after another (its API is per file);
@@ -49,9 +51,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Throughput and accuracy (engine)"
-SYSTEMS = ("ours", "fw", "fw-batched", "hf")
+SYSTEMS = ("ours", "ours-words", "fw", "fw-batched", "hf")
 SYSTEM_LABELS = {
     "ours": "ours (Transcriber, int8 decoder)",
+    "ours-words": "ours, --word-timestamps",
     "fw": "faster-whisper int8, sequential",
     "fw-batched": "faster-whisper int8, BatchedInferencePipeline",
     "hf": "transformers pipeline fp32",
@@ -80,7 +83,7 @@ def _current_rss_mb() -> float:
         return float("nan")
 
 
-def _load_ours(spec: dict) -> Any:
+def _load_ours(spec: dict, word_timestamps: bool) -> Any:
     from batch_job.settings import Settings
     from batch_job.transcribe import Transcriber
 
@@ -91,6 +94,7 @@ def _load_ours(spec: dict) -> Any:
         device="cpu",
         batch_size=spec["batch_size"],
         threads=spec["threads"],
+        word_timestamps=word_timestamps,
     )
     tr = Transcriber.load(settings)
 
@@ -100,8 +104,10 @@ def _load_ours(spec: dict) -> Any:
             if r.error is not None:
                 by_name[r.name] = {"hyp": "", "detected": None, "error": f"{type(r.error).__name__}: {r.error}"}
             else:
+                words = sum(len(seg.words) for seg in r.transcript.segments)
                 by_name[r.name] = {"hyp": r.transcript.text, "detected": r.transcript.language,
-                                   "timings": r.transcript.timings}  # features/encode/decode shares
+                                   "timings": r.transcript.timings,  # features/encode/decode shares
+                                   "words": words}
         return [by_name[it["name"]] for it in items]
 
     return run
@@ -170,8 +176,8 @@ def child_main(spec_path: str) -> int:
     system = spec["system"]
     sys.path.insert(0, str(REPO))
     t0 = time.perf_counter()
-    if system == "ours":
-        run = _load_ours(spec)
+    if system in ("ours", "ours-words"):
+        run = _load_ours(spec, word_timestamps=system == "ours-words")
     elif system in ("fw", "fw-batched"):
         run = _load_fw(spec, batched=system == "fw-batched")
     elif system == "hf":
@@ -423,6 +429,11 @@ def render_notes(meta: dict) -> str:
         "- ours: `Transcriber.transcribe_many` over all files of the set: windows are batched ACROSS "
         "files (a design advantage of the engine, used on purpose). Greedy, timestamps, temperature "
         "fallback, no conditioning on previous text.",
+        "- ours, --word-timestamps: the same with `word_timestamps=True` (step graphs also return the "
+        "alignment heads' attention; median filter + DTW per segment). Its `ours ÷ system` is the cost of "
+        "word timing: 1.15 would be 15% slower"
+        + "".join(f"; {n} words on {name}" for name, n in meta.get("words", {}).items())
+        + ".",
         "- fw: `WhisperModel(compute_type=\"int8\").transcribe(path, beam_size=1)`, every other option at "
         "its default (temperature fallback, condition_on_previous_text=True, timestamps on, no VAD); "
         "files one by one, as its API works.",
@@ -570,7 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/throughput.py" + "".join(
         " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
+    words = {r["set"]: sum(f.get("words", 0) for f in r.get("per_file", []))
+             for r in results if r["system"] == "ours-words"}
     meta = {
+        "words": words,
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
         "machine": machine,
