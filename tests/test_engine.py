@@ -10,8 +10,9 @@ import torch
 
 from batch_job.engine.decoding import ApplyTimestampRules, DecodeState, DecodingOptions, DecodingResult
 from batch_job.engine.tokens import SpecialTokens
-from batch_job.segment import Packed
-from batch_job.transcribe import Guards, Transcriber, _FileState, _Piece, _Task
+from batch_job.result import Word
+from batch_job.segment import Packed, join_windows
+from batch_job.transcribe import Guards, Transcriber, _FileState, _Piece, _place_words, _Task
 from tests.conftest import load_clip, reference_text
 
 CLIPS = ["jfk.flac", "librispeech_61-70968-0000.flac", "ljspeech_LJ001-0002.flac", "mfa_cold_corpus.wav"]
@@ -191,6 +192,21 @@ def test_a_window_read_to_its_last_piece_is_done():
     toks = [1002, 1, 1002 + 250, 1002 + 250, 1, 1002 + 470]  # two segments, the second inside piece two
     assert tr._accept(_Task(0, window), _result(toks), state) is None
     assert [seg[2] for seg in state.segments] == ["hello", "hello"]
+
+
+def test_words_of_a_joined_window_land_in_their_own_part():
+    """Word times in window seconds -> the file, through a joined window: each word in the part it
+    was said in (0.4 s gap between parts), clamped into its segment, monotonic."""
+    sr = 16000
+    early, late = Packed(((2 * sr, 6 * sr),), gap=sr * 2 // 5), Packed(((50 * sr, 53 * sr),), gap=sr * 2 // 5)
+    joined = join_windows([late, early])  # window: early 0-4 s, gap, late 4.4-7.4 s
+    said = [Word(" one", 0.5, 0.9, 0.9), Word(" two", 3.6, 4.2, 0.8), Word(" three", 4.5, 5.0, 0.7)]
+    first = _place_words(said[:2], joined, 2.5, 6.0)  # the segment said in the early part
+    assert [(w.word, w.start, w.end) for w in first] == [(" one", 2.5, 2.9), (" two", 5.6, 6.0)]
+    second = _place_words(said[2:], joined, 50.0, 51.0)
+    assert [(w.word, w.start, w.end) for w in second] == [(" three", 50.1, 50.6)]
+    # a word starting before its segment (timing slack) is clamped into it, never before it
+    assert _place_words([Word(" x", 4.3, 4.6, 0.5)], joined, 50.0, 51.0)[0].start == 50.0
 
 
 class _ScriptedEngine(_FakeEngine):
