@@ -17,11 +17,11 @@ import os
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from batch_job.engine.bundle import MelFrontend, ModelDims, TokenizerText
+from batch_job.engine.bundle import AlignmentHeads, MelFrontend, ModelDims, TokenizerText, alignment_heads_from
 from batch_job.engine.tokens import SpecialTokens
 from batch_job.fsutil import atomic_write_text
 
@@ -44,8 +44,25 @@ def write_manifest(out_dir: str | os.PathLike[str], manifest: Mapping[str, Any])
     return atomic_write_text(Path(out_dir) / MANIFEST_NAME, json.dumps(dict(manifest), indent=2, sort_keys=True) + "\n")
 
 
+class SideData(NamedTuple):
+    """What an engine needs besides its graphs, as :func:`read_side_data` reads it back."""
+
+    tokens: SpecialTokens
+    dims: ModelDims
+    mel: MelFrontend
+    text: TokenizerText
+    alignment_heads: AlignmentHeads
+    """The heads whose attention the saved step graphs return; ``()`` when they return none."""
+
+
 def write_side_data(
-    directory: Path, *, tokens: SpecialTokens, dims: ModelDims, mel: MelFrontend, text: TokenizerText
+    directory: Path,
+    *,
+    tokens: SpecialTokens,
+    dims: ModelDims,
+    mel: MelFrontend,
+    text: TokenizerText,
+    alignment_heads: AlignmentHeads = (),
 ) -> dict[str, Any]:
     """Write ``mel_filters.npy`` and ``tokenizer.json`` into ``directory``; returns the manifest fields that describe them."""
     np.save(directory / "mel_filters.npy", mel.filters)
@@ -55,11 +72,12 @@ def write_side_data(
         "tokens": tokens.to_json(),
         "mel": {"file": "mel_filters.npy", "n_fft": mel.n_fft, "hop_length": mel.hop_length, "dither": mel.dither},
         "tokenizer": {"file": "tokenizer.json", "clean_up_tokenization_spaces": text.clean_up_spaces},
+        "alignment_heads": [list(pair) for pair in alignment_heads],
     }
 
 
-def read_side_data(directory: Path, manifest: Mapping[str, Any]) -> tuple[SpecialTokens, ModelDims, MelFrontend, TokenizerText]:
-    """The special tokens, dims, log-mel front end and detokenizer that :func:`write_side_data` saved."""
+def read_side_data(directory: Path, manifest: Mapping[str, Any]) -> SideData:
+    """What :func:`write_side_data` saved (a manifest without ``alignment_heads`` has none)."""
     dims = ModelDims(**manifest["dims"])
     tokens = SpecialTokens.from_json(manifest["tokens"])
     mel_spec = manifest["mel"]
@@ -68,4 +86,4 @@ def read_side_data(directory: Path, manifest: Mapping[str, Any]) -> tuple[Specia
         raise ValueError(f"mel filters {mel.filters.shape} do not match n_mels {dims.n_mels}")
     tok = manifest["tokenizer"]
     text = TokenizerText.from_file(directory / tok["file"], tok["clean_up_tokenization_spaces"])
-    return tokens, dims, mel, text
+    return SideData(tokens, dims, mel, text, alignment_heads_from(manifest.get("alignment_heads")))

@@ -152,6 +152,19 @@ class TracedCpuGraphs:
     steps: Any
 
 
+AlignmentHeads = tuple[tuple[int, int], ...]
+"""``(layer, head)`` cross-attention heads that track the audio (word timestamps)."""
+
+
+def alignment_heads_from(raw: Any) -> AlignmentHeads:
+    """``[[layer, head], ...]`` (a generation config's or a saved manifest's) as int pairs; ``()`` for
+    ``None`` or empty; ``ValueError`` when it is not a list of pairs."""
+    try:
+        return tuple((int(layer), int(head)) for layer, head in raw or ())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"alignment_heads {raw!r} is not a list of [layer, head] pairs") from exc
+
+
 BundleSource = Literal["model", "cache", "compiled"]
 """Where a bundle came from: built from the checkpoint, the CPU graph cache, or ``whisper-batch compile``."""
 
@@ -169,7 +182,7 @@ class ModelBundle:
     mel: MelFrontend
     graphs: Mapping[int, BucketGraphs | StatefulGraphs]
     """Per batch size; each makes its bucket's inference with ``.inference(shape, device=..., alignment_heads=...)``."""
-    alignment_heads: tuple[tuple[int, int], ...] = ()
+    alignment_heads: AlignmentHeads = ()
     """``(layer, head)`` pairs whose cross-attention the step graphs return (word timestamps); empty = none."""
     source: BundleSource = "model"
     loaded: LoadedModel | None = None

@@ -213,8 +213,8 @@ def save(root: Path, key: str, fields: Mapping[str, Any], bundle: ModelBundle, *
             "key_fields": dict(fields),
             "model": {"name": bundle.name, "checksum": fields["weights_sha256"]},
             "buckets": list(fields["buckets"]),
-            "alignment_heads": [list(pair) for pair in bundle.alignment_heads],
-            **write_side_data(tmp, tokens=bundle.tokens, dims=bundle.dims, mel=bundle.mel, text=bundle.text),
+            **write_side_data(tmp, tokens=bundle.tokens, dims=bundle.dims, mel=bundle.mel, text=bundle.text,
+                              alignment_heads=bundle.alignment_heads),
             "files": {name: (tmp / name).stat().st_size for name in _FILES},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -268,7 +268,7 @@ def _load(path: Path, key: str, buckets: Sequence[int], model_name: str) -> Mode
     missing = sorted(set(int(b) for b in buckets) - set(int(b) for b in manifest["buckets"]))
     if missing:
         raise ValueError(f"no step graph for bucket(s) {missing}")
-    tokens, dims, mel, text = read_side_data(path, manifest)
+    side = read_side_data(path, manifest)
     traced = TracedCpuGraphs(
         encoder=torch.jit.load(str(path / "encoder.pt"), map_location="cpu").eval(),
         steps=torch.jit.load(str(path / "step.pt"), map_location="cpu").eval(),
@@ -277,12 +277,12 @@ def _load(path: Path, key: str, buckets: Sequence[int], model_name: str) -> Mode
         name=model_name,
         checksum=manifest["model"]["checksum"],
         device="cpu",
-        tokens=tokens,
-        dims=dims,
-        text=text,
-        mel=mel,
+        tokens=side.tokens,
+        dims=side.dims,
+        text=side.text,
+        mel=side.mel,
         graphs=bucket_graphs(traced, buckets),
-        alignment_heads=tuple((int(layer), int(head)) for layer, head in manifest.get("alignment_heads", [])),
+        alignment_heads=side.alignment_heads,
         source="cache",
         cache_path=path,
     )

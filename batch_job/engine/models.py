@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from batch_job.constants import LANGUAGE_TOKEN_PATTERN
 from batch_job.engine.adapters import base_reference, is_adapter_dir, resolve_adapter
+from batch_job.engine.bundle import AlignmentHeads, alignment_heads_from
 from batch_job.engine.convert_ct2 import (
     WEIGHTS_NAME,
     CT2Source,
@@ -282,7 +283,7 @@ class LoadedModel:
     n_mels: int
     tokens: SpecialTokens
     """Special token ids (checked against the vocabulary) and the generation config's suppress lists."""
-    alignment_heads: tuple[tuple[int, int], ...] = ()
+    alignment_heads: AlignmentHeads = ()
     """``(layer, head)`` cross-attention heads that track the audio (generation config); word timestamps need them."""
 
 
@@ -328,7 +329,7 @@ def load_model(
     )
 
 
-def word_timing_heads(loaded: LoadedModel) -> tuple[tuple[int, int], ...]:
+def word_timing_heads(loaded: LoadedModel) -> AlignmentHeads:
     """The alignment heads word timestamps are computed from; :class:`ModelError` when the checkpoint has none."""
     if not loaded.alignment_heads:
         raise ModelError(
@@ -338,13 +339,12 @@ def word_timing_heads(loaded: LoadedModel) -> tuple[tuple[int, int], ...]:
     return loaded.alignment_heads
 
 
-def _alignment_heads(model: Any) -> tuple[tuple[int, int], ...]:
+def _alignment_heads(model: Any) -> AlignmentHeads:
     """The generation config's ``alignment_heads`` (``[[layer, head], ...]``) as pairs; ``()`` when absent."""
-    heads = getattr(model.generation_config, "alignment_heads", None) or ()
     try:
-        return tuple((int(layer), int(head)) for layer, head in heads)
-    except (TypeError, ValueError) as exc:
-        raise ModelError(f"generation config alignment_heads {heads!r} is not a list of [layer, head] pairs") from exc
+        return alignment_heads_from(getattr(model.generation_config, "alignment_heads", None))
+    except ValueError as exc:
+        raise ModelError(f"generation config: {exc}") from None
 
 
 def _torch_dtype(torch: Any, dtype: Any) -> Any:

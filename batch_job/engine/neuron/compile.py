@@ -305,7 +305,7 @@ def compile_model(
     heads = word_timing_heads(loaded) if word_timestamps else ()
     dims = ModelDims.from_config(config, cache_len)
     mel, text = checkpoint_parts(loaded)
-    side = write_side_data(out, tokens=loaded.tokens, dims=dims, mel=mel, text=text)
+    side = write_side_data(out, tokens=loaded.tokens, dims=dims, mel=mel, text=text, alignment_heads=heads)
     graphs_entry: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for b in sizes:
@@ -344,7 +344,6 @@ def compile_model(
         "cache_len": cache_len,
         "max_new_tokens": cache_len - PROMPT_SLOTS,
         "batch_sizes": sizes,
-        "alignment_heads": [list(pair) for pair in heads],
         "graphs": graphs_entry,
         **side,
         "trace_seconds": timings,

@@ -126,13 +126,12 @@ def load_bundle(settings: Settings, *, batch_sizes: Sequence[int] | None = None)
     if backend not in ("neuron", "jit"):
         raise ModelError(f"{root}: unknown backend {backend!r} in manifest.json")
     try:
-        tokens, dims, mel, text = read_side_data(root, manifest)
+        tokens, dims, mel, text, heads = read_side_data(root, manifest)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{root}: the side data next to the graphs is unusable ({exc}); recompile") from exc
     cache_len = static_cache_len(dims.max_target_positions, settings.max_new_tokens)
     dtype = manifest["dtype"]
     sizes = sorted(int(b) for b in manifest["batch_sizes"])
-    heads = tuple((int(layer), int(head)) for layer, head in manifest.get("alignment_heads") or ())
     if settings.word_timestamps and not heads:
         raise ModelError(f"{root}: word timestamps need graphs compiled with --word-timestamps; recompile, "
                          "or turn word timestamps off")
