@@ -215,7 +215,6 @@ def decode_batch(
     sum_logprob = torch.zeros(B)
     n_tokens = torch.zeros(B, dtype=torch.long)
     step_logprobs: list[Tensor] = []
-    last_position = P - 1  # the last position whose step has run
     minus_one = torch.full((B,), -1, dtype=torch.long)
     state = DecodeState(step=0, last=minus_one, penultimate=minus_one, last_timestamp=minus_one)
     out: list[Tensor] = []
@@ -242,7 +241,6 @@ def decode_batch(
         if bool(finished.all()) or step == options.max_new_tokens - 1:
             break
         logits = inference.logits(nxt.unsqueeze(1), P + step).to(device).float()
-        last_position = P + step
 
     generated = torch.stack(out, dim=1) if out else torch.empty(B, 0, dtype=torch.long)  # [B, steps]
     chosen_logprobs = torch.stack(step_logprobs, dim=1) if step_logprobs else torch.empty(B, 0)
@@ -253,8 +251,8 @@ def decode_batch(
         if not truncated:
             row = row[: row.index(tokens.eot)]
         attention = None
-        if alignment is not None:  # the query at P - 1 + i chose token i
-            rows = alignment[P - 1 : min(P + len(row), last_position + 1), r]  # [n, A, S]
+        if alignment is not None:  # the query at P - 1 + i chose token i; positions P - 1 .. P - 2 + len(out) ran
+            rows = alignment[P - 1 : min(P + len(row), P - 1 + len(out)), r]  # [n, A, S]
             attention = rows.transpose(0, 1).float().cpu().numpy()
         results.append(
             DecodingResult(
