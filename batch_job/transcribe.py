@@ -299,8 +299,7 @@ class Transcriber:
             text = self.engine.text(span.tokens).strip()
             if not text:
                 continue
-            a, b = window.place(int(round(span.start * SAMPLE_RATE)), int(round(span.end * SAMPLE_RATE)))
-            start, end = a / SAMPLE_RATE, b / SAMPLE_RATE
+            start, end = _place_seconds(window, span.start, span.end)
             placed = _place_words(words[i], window, start, end) if words is not None else ()
             out.append(_Piece(start, end, text, window.start, placed))
         return out, consumed
@@ -463,11 +462,14 @@ def _place_words(words: Sequence[Word], window: EncoderWindow, start: float, end
     of the span before it); a joined window could place a word in another part than its segment,
     so words are clamped into the segment's file interval, which keeps them in the right part.
     """
-    placed = []
-    for w in words:
-        a, b = window.place(int(round(w.start * SAMPLE_RATE)), int(round(w.end * SAMPLE_RATE)))
-        placed.append(Word(w.word, a / SAMPLE_RATE, b / SAMPLE_RATE, w.probability))
+    placed = [Word(w.word, *_place_seconds(window, w.start, w.end), w.probability) for w in words]
     return _clamp_words(placed, start, end)
+
+
+def _place_seconds(window: EncoderWindow, start: float, end: float) -> tuple[float, float]:
+    """A stretch of ``window`` in window seconds -> the same stretch in file seconds (:meth:`place`)."""
+    a, b = window.place(int(round(start * SAMPLE_RATE)), int(round(end * SAMPLE_RATE)))
+    return a / SAMPLE_RATE, b / SAMPLE_RATE
 
 
 def _clamp_words(words: Sequence[Word], start: float, end: float) -> tuple[Word, ...]:

@@ -148,7 +148,6 @@ def model_bundle(loaded: LoadedModel, settings: Settings, device: Device) -> Mod
     )
 
 
-
 def cache_slot(settings: Settings) -> CacheSlot | None:
     """This engine's place in the CPU graph cache, from the checkpoint's checksum (nothing loaded).
 
