@@ -66,6 +66,14 @@ def tiny_transcriber(tiny_settings):
 
 
 @pytest.fixture(scope="session")
+def tiny_words_transcriber(tiny_settings):
+    """The default CPU engine with word timestamps (its step graphs also return the alignment heads' attention)."""
+    from batch_job.transcribe import Transcriber
+
+    return Transcriber.load(tiny_settings.replace(word_timestamps=True))
+
+
+@pytest.fixture(scope="session")
 def tiny_engine_fp32(tiny_settings):
     """tiny.en with fp32 graphs everywhere: token-exact against transformers' generate."""
     from batch_job.engine.loading import load_engine

@@ -114,13 +114,6 @@ def real_transcriber(model_cache_dir):
     return Transcriber.load(Settings(model="tiny.en", cache_dir=str(model_cache_dir)))
 
 
-@pytest.fixture(scope="module")
-def real_words_transcriber(model_cache_dir):
-    from batch_job.transcribe import Transcriber
-
-    return Transcriber.load(Settings(model="tiny.en", cache_dir=str(model_cache_dir), batch_size=4, word_timestamps=True))
-
-
 class CountingFactory:
     def __init__(self, transcriber):
         self.transcriber = transcriber
@@ -207,13 +200,13 @@ def test_happy_path_real_model(aws, settings, real_transcriber):
     assert all("elapsed_s" in s and "ts" in s for s in rec.stages())
 
 
-def test_word_timestamps_setting_reaches_the_outputs(aws, settings, real_words_transcriber):
+def test_word_timestamps_setting_reaches_the_outputs(aws, settings, tiny_words_transcriber):
     """WHISPER_BATCH_WORD_TIMESTAMPS / Settings.word_timestamps (the stack's WordTimestamps): JSON
     words on the file's timeline, and subtitle cues within the configured line width."""
     key = "words/jfk.flac"
     upload(aws, key, shared_clip("jfk.flac"))
     settings = settings.replace(word_timestamps=True, max_line_width=16)
-    result, rec = run(aws, key, settings, transcriber_factory=CountingFactory(real_words_transcriber))
+    result, rec = run(aws, key, settings, transcriber_factory=CountingFactory(tiny_words_transcriber))
     assert result.exit_code == exit_codes.OK, rec.stages()
     marker = get_json(aws, PREFIX + key + ".json")
     words = [w for seg in marker["segments"] for w in seg["words"]]

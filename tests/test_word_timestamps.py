@@ -15,6 +15,7 @@ import statistics
 import numpy as np
 import pytest
 from conftest import load_clip, shared_clip
+from test_subtitles import SRT_BLOCK, _ms
 
 torch = pytest.importorskip("torch")
 
@@ -29,17 +30,10 @@ CLIPS = (
     "mfa_acoustic_corpus.wav",
     "librivox_sonnet001_en.mp3",  # 53 s: several windows, words across window boundaries
 )
-SRT_BLOCK = re.compile(r"^(\d+)\n(\S+) --> (\S+)\n((?:[^\n]+\n)+)$")
 
 
 def _norm(word: str) -> str:
     return re.sub(r"[^\w']", "", word.lower())
-
-
-def _ms(stamp: str) -> int:
-    h, m, rest = stamp.replace(",", ".").split(":")
-    s, ms = rest.split(".")
-    return ((int(h) * 60 + int(m)) * 60 + int(s)) * 1000 + int(ms)
 
 
 def _start_differences(reference: list[tuple[str, float]], ours: list[tuple[str, float]]) -> list[float]:
@@ -54,15 +48,8 @@ def words_settings(tiny_settings):
 
 
 @pytest.fixture(scope="module")
-def words_transcriber(words_settings):
-    from batch_job.transcribe import Transcriber
-
-    return Transcriber.load(words_settings)
-
-
-@pytest.fixture(scope="module")
-def transcripts(words_transcriber):
-    results = {r.name: r for r in words_transcriber.transcribe_many((c, shared_clip(c)) for c in CLIPS)}
+def transcripts(tiny_words_transcriber):
+    results = {r.name: r for r in tiny_words_transcriber.transcribe_many((c, shared_clip(c)) for c in CLIPS)}
     assert all(r.error is None for r in results.values()), {n: r.error for n, r in results.items()}
     return {name: r.transcript for name, r in results.items()}
 
@@ -159,7 +146,7 @@ def test_words_agree_with_faster_whisper(transcripts):
     assert statistics.mean(diffs) <= 0.2
 
 
-def test_packed_window_keeps_each_pieces_word_times(words_transcriber):
+def test_packed_window_keeps_each_pieces_word_times(tiny_words_transcriber):
     """Two clips 15 s apart in one file are packed into ONE window; each word still lands where it
     was said in the file, as when the clip is transcribed alone (shifted by its offset)."""
     first, second = load_clip("jfk.flac"), load_clip("librispeech_61-70968-0000.flac")
@@ -172,8 +159,8 @@ def test_packed_window_keeps_each_pieces_word_times(words_transcriber):
     (window,) = pack_windows(split_at_pauses(audio, sample_rate=SR, min_silence_s=PAUSE_SECONDS), sample_rate=SR,
                              gap_seconds=PACK_GAP_SECONDS)
     assert len(window.spans) == 2
-    (packed,) = words_transcriber.transcribe_many([("packed", audio)])
-    (alone,) = words_transcriber.transcribe_many([("alone", second)])
+    (packed,) = tiny_words_transcriber.transcribe_many([("packed", audio)])
+    (alone,) = tiny_words_transcriber.transcribe_many([("alone", second)])
     words = [w for seg in packed.transcript.segments for w in seg.words]
     late = [(_norm(w.word), w.start) for w in words if w.start >= offset / SR - 0.5]
     early = [w for w in words if w.start < offset / SR - 0.5]
@@ -201,18 +188,18 @@ def test_a_model_without_alignment_heads_is_a_clear_error(tmp_path, tiny_setting
         load_engine(settings)
 
 
-def test_word_timestamps_get_graphs_of_their_own_in_the_cache(tiny_settings, words_transcriber):
+def test_word_timestamps_get_graphs_of_their_own_in_the_cache(tiny_settings, tiny_words_transcriber):
     from batch_job.engine.loading import cache_slot
 
     plain, words = cache_slot(tiny_settings), cache_slot(tiny_settings.replace(word_timestamps=True))
     assert plain is not None and words is not None and plain.key != words.key
     assert words.present  # saved by the fixture's cold load
     manifest = json.loads((words.root / words.key / "manifest.json").read_text())
-    assert manifest["alignment_heads"] == [list(h) for h in words_transcriber.engine.bundle.alignment_heads]
+    assert manifest["alignment_heads"] == [list(h) for h in tiny_words_transcriber.engine.bundle.alignment_heads]
 
 
 # --------------------------------------------------------------------------- the CLI
-def test_transcribe_cli_writes_words_and_subtitles_within_limits(tmp_path, monkeypatch, words_settings, words_transcriber):
+def test_transcribe_cli_writes_words_and_subtitles_within_limits(tmp_path, monkeypatch, words_settings, tiny_words_transcriber):
     from batch_job.cli import main
 
     monkeypatch.setenv("WHISPER_BATCH_CACHE_DIR", words_settings.cache_dir)
@@ -226,7 +213,7 @@ def test_transcribe_cli_writes_words_and_subtitles_within_limits(tmp_path, monke
     assert all(set(w) == {"word", "start", "end", "probability"} for w in words)
     # the CLI's engine (graphs from the cache) times words as the in-process transcriber does
     # (the same file alone: the int8 decoder's dynamic quantization depends on the batch)
-    alone = words_transcriber.transcribe(shared_clip("jfk.flac"))
+    alone = tiny_words_transcriber.transcribe(shared_clip("jfk.flac"))
     want = [(w.word, w.start, w.end) for seg in alone.segments for w in seg.words]
     assert [(w["word"], w["start"], w["end"]) for w in words] == want
 
