@@ -1,9 +1,10 @@
 """Files in, :class:`~batch_job.result.Transcript` out: windows, batches, guards and segments.
 
 The flow for every file: decode audio (:mod:`batch_job.audio`) -> cut into <= 30 s windows at
-pauses (:mod:`batch_job.segment`) -> queue the windows. A scheduler fills fixed-size batches from
-the queue (across files, longest windows together), runs the encoder once per batch and the
-decoding loop (:mod:`batch_job.engine.decoding`) over the static KV cache, then per window:
+pauses (:mod:`batch_job.segment`) -> queue the windows. :class:`~batch_job.stream.TranscriptionStream`
+fills fixed-size batches from the queue (across files), the engine runs the encoder once per batch
+and the decoding loop (:mod:`batch_job.engine.decoding`) over the static KV cache; this module
+says what each decoded window means:
 
 * turns timestamp tokens into segments on the file's timeline;
 * re-queues the unconsumed tail of a window when decoding stopped at a segment boundary before
@@ -21,9 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -31,22 +31,17 @@ import numpy as np
 
 from batch_job.alignment import assign_words, find_alignment
 from batch_job.audio import SAMPLE_RATE
-from batch_job.constants import CHUNK_SECONDS, HOP_LENGTH, NO_SPACE_LANGUAGES, SECONDS_PER_TIMESTAMP
+from batch_job.constants import HOP_LENGTH, NO_SPACE_LANGUAGES, SECONDS_PER_TIMESTAMP
 from batch_job.engine.decoding import DecodingOptions, DecodingResult, compression_ratio
 from batch_job.result import FileResult, Segment, Transcript, Word
-from batch_job.segment import EncoderWindow, group_to_fill, join_windows
+from batch_job.segment import EncoderWindow
 from batch_job.settings import Settings
+from batch_job.stream import FileState, Piece, TranscriptionStream, WindowTask
 
 if TYPE_CHECKING:  # pragma: no cover
     from batch_job.engine.runner import Engine
 
 log = logging.getLogger(__name__)
-
-WINDOW_SECONDS = CHUNK_SECONDS
-PAUSE_SECONDS = 0.6
-"""Pauses at least this long split speech into pieces that are then packed into windows."""
-PACK_GAP_SECONDS = 0.4
-"""Silence kept between packed pieces (longer pauses are shortened to this)."""
 
 
 @dataclass(frozen=True)
@@ -62,48 +57,12 @@ class Guards:
     max_continuations: int = 4
 
 
-class _Piece(NamedTuple):
-    """A decoded segment on the file's timeline, before the file is finished."""
-
-    start: float
-    end: float
-    text: str
-    order: int  # the window's first sample: ties between equal starts keep window order
-    words: tuple[Word, ...] = ()
-
-
 class _Span(NamedTuple):
     """A segment as decoded, in window terms: its text tokens and window seconds."""
 
     tokens: tuple[int, ...]
     start: float
     end: float
-
-
-@dataclass
-class _Task:
-    """One encoder window (or the tail of one) waiting to be decoded."""
-
-    file: int
-    window: EncoderWindow  # stretches of the file (samples) decoded as one <= 30 s window
-    attempt: int = 0  # index into Guards.temperatures
-    continuation: int = 0
-    best: tuple[DecodingResult, float] | None = None  # best failed attempt and its compression ratio
-
-    @property
-    def samples(self) -> int:
-        return self.window.samples
-
-
-@dataclass
-class _FileState:
-    name: str
-    audio: np.ndarray
-    pending: int = 0
-    segments: list[_Piece] = field(default_factory=list)
-    languages: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    error: BaseException | None = None
 
 
 class Transcriber:
@@ -160,90 +119,63 @@ class Transcriber:
         Audio is loaded lazily, only as far ahead as needed to fill batches.
         """
         from batch_job.audio import load_audio
-        from batch_job.segment import pack_windows, split_at_pauses
 
+        options = self.options(language=language, task=task)
+        stream = TranscriptionStream(self)
+        source = iter(enumerate(inputs))
+        exhausted = False
+        bar = _progress_bar(progress)
+
+        def admit() -> Iterator[FileResult]:
+            nonlocal exhausted
+            while not exhausted and stream.queued < stream.batch_size:
+                try:
+                    idx, (name, item) = next(source)
+                except StopIteration:
+                    exhausted = True
+                    return
+                t0 = time.perf_counter()
+                try:
+                    audio = item if isinstance(item, np.ndarray) else load_audio(item, max_seconds=self.settings.max_audio_seconds)
+                except Exception as exc:  # one bad file never stops the others
+                    yield FileResult(name, None, exc)
+                    continue
+                done = stream.add(idx, name, audio, options, decode_audio_seconds=time.perf_counter() - t0)
+                bar.total = stream.total_windows
+                bar.refresh()
+                if done is not None:
+                    yield done
+
+        yield from admit()
+        while stream.queued:
+            before = stream.done_windows
+            finished, _ = stream.step()
+            bar.total = stream.total_windows
+            bar.update(stream.done_windows - before)
+            if on_window is not None:
+                for done in range(before + 1, stream.done_windows + 1):
+                    on_window(done, stream.total_windows)
+            for _, result in finished:
+                yield result
+            yield from admit()
+        bar.close()
+
+    def options(self, *, language: str | None = None, task: str = "transcribe") -> DecodingOptions:
+        """Validated decoding options for this model. Raises ``ValueError`` on a bad task or language."""
         if task not in ("transcribe", "translate"):
             raise ValueError(f"task must be 'transcribe' or 'translate', not {task!r}")
         if task == "translate" and not self.engine.tokens.is_multilingual:
             raise ValueError(f"model {self.model_name} is English-only: it cannot translate")
         if language is not None:
             language = self.engine.check_language(language)
-        options = DecodingOptions(task=task, language=language, max_new_tokens=self.engine.max_new_tokens)
-        batch = self.engine.max_batch
-        files: dict[int, _FileState] = {}
-        queue: list[_Task] = []
-        source = iter(enumerate(inputs))
-        exhausted = False
-        done_windows = total_windows = 0
-        bar = _progress_bar(progress)
+        return DecodingOptions(task=task, language=language, max_new_tokens=self.engine.max_new_tokens)
 
-        def admit() -> Iterator[FileResult]:
-            nonlocal exhausted, total_windows
-            while not exhausted and len(queue) < batch:
-                try:
-                    idx, (name, item) = next(source)
-                except StopIteration:
-                    exhausted = True
-                    return
-                state = _FileState(name=name, audio=np.zeros(0, np.float32))
-                try:
-                    t0 = time.perf_counter()
-                    audio = item if isinstance(item, np.ndarray) else load_audio(item, max_seconds=self.settings.max_audio_seconds)
-                    state.audio = np.ascontiguousarray(audio, dtype=np.float32)
-                    t1 = time.perf_counter()
-                    # Short stretches of speech between long silences share one encoder window.
-                    # (measured on 681 s of joined clips: 25 windows instead of 28, ~12% less
-                    # encoder work, same WER; see docs/benchmarks.md)
-                    pieces = split_at_pauses(state.audio, sample_rate=SAMPLE_RATE, min_silence_s=PAUSE_SECONDS)
-                    windows = pack_windows(pieces, sample_rate=SAMPLE_RATE, gap_seconds=PACK_GAP_SECONDS)
-                    state.timings["decode_audio"] += t1 - t0
-                    state.timings["segment"] += time.perf_counter() - t1
-                except Exception as exc:  # one bad file never stops the others
-                    yield FileResult(name, None, exc)
-                    continue
-                files[idx] = state
-                for w in windows:
-                    queue.append(_Task(idx, w))
-                state.pending = len(windows)
-                total_windows += len(windows)
-                bar.total = total_windows
-                bar.refresh()
-                if not windows:
-                    yield self._finish(files.pop(idx), options)
+    # ------------------------------------------------------------------ windows (stream.WindowHandler)
+    @property
+    def batch_size(self) -> int:
+        return self.engine.max_batch
 
-        yield from admit()
-        while queue:
-            joined = _share_encoder_passes(queue, files)
-            if joined:
-                total_windows -= joined
-                bar.total = total_windows
-            # Longest first: rows of a batch then need similar numbers of decoder steps.
-            queue.sort(key=lambda t: t.samples, reverse=True)
-            tasks, queue[:] = queue[:batch], queue[batch:]
-            results = self._decode(tasks, files, options)
-            for task_, result in zip(tasks, results):
-                state = files[task_.file]
-                follow_up = self._accept(task_, result, state)
-                if follow_up is not None:
-                    queue.append(follow_up)
-                    if follow_up.attempt == 0:  # a tail is a new window; a retry is the same one
-                        total_windows += 1
-                        bar.total = total_windows
-                    continue
-                done_windows += 1
-                bar.update(1)
-                state.pending -= 1
-                if on_window is not None:
-                    on_window(done_windows, total_windows)
-            for idx in [i for i, s in files.items() if s.pending == 0]:
-                yield self._finish(files.pop(idx), options)
-            yield from admit()
-        bar.close()
-        for idx in list(files):
-            yield self._finish(files.pop(idx), options)
-
-    # ------------------------------------------------------------------ internals
-    def _decode(self, tasks: Sequence[_Task], files: dict[int, _FileState], options: DecodingOptions) -> list[DecodingResult]:
+    def decode_windows(self, tasks: Sequence[WindowTask], files: Mapping[Hashable, FileState], options: DecodingOptions) -> list[DecodingResult]:
         rows = [t.window.audio(files[t.file].audio) for t in tasks]
         temps = [self.guards.temperatures[t.attempt] for t in tasks]
         results, timings = self.engine.decode(rows, options, temperatures=temps)
@@ -253,7 +185,7 @@ class Transcriber:
                 files[t.file].timings[k] += v * share
         return results
 
-    def _accept(self, task: _Task, result: DecodingResult, state: _FileState) -> _Task | None:
+    def accept_window(self, task: WindowTask, result: DecodingResult, state: FileState) -> WindowTask | None:
         """Record a window's result; return a follow-up task (retry or tail) or None when done."""
         g = self.guards
         text = self.engine.text(result.tokens)
@@ -282,29 +214,29 @@ class Transcriber:
             # always go on, whatever its length and the continuation budget (each such tail
             # drops at least one piece, so this ends).
             state.pending += 1
-            return _Task(task.file, tail, continuation=task.continuation)
+            return WindowTask(task.file, tail, continuation=task.continuation)
         if tail.samples >= g.min_tail_seconds * SAMPLE_RATE and task.continuation < g.max_continuations:
             state.pending += 1
-            return _Task(task.file, tail, continuation=task.continuation + 1)
+            return WindowTask(task.file, tail, continuation=task.continuation + 1)
         return None
 
-    def _segments(self, result: DecodingResult, task: _Task) -> tuple[list[_Piece], int]:
+    def _segments(self, result: DecodingResult, task: WindowTask) -> tuple[list[Piece], int]:
         """Timestamp tokens -> segments in file seconds; also the window sample up to which it is consumed."""
         spans, consumed = self._split_by_timestamps(result, task)
         window = task.window
         consumed = _resume_at_unheard_piece(window, spans, consumed)
         words = self._word_times(result, task, spans) if result.alignment is not None else None
-        out: list[_Piece] = []
+        out: list[Piece] = []
         for i, span in enumerate(spans):
             text = self.engine.text(span.tokens).strip()
             if not text:
                 continue
             start, end = _place_seconds(window, span.start, span.end)
             placed = _place_words(words[i], window, start, end) if words is not None else ()
-            out.append(_Piece(start, end, text, window.start, placed))
+            out.append(Piece(start, end, text, window.start, placed))
         return out, consumed
 
-    def _split_by_timestamps(self, result: DecodingResult, task: _Task) -> tuple[list[_Span], int]:
+    def _split_by_timestamps(self, result: DecodingResult, task: WindowTask) -> tuple[list[_Span], int]:
         """The window's segments as decoded (window seconds, clamped to the window), in order, and
         the window sample up to which it is consumed. Text after the last complete segment of a
         window that stopped at a segment boundary is left out (its tail is decoded again)."""
@@ -343,7 +275,7 @@ class Transcriber:
         add(toks, start_s, end_s)
         return spans, task.samples
 
-    def _word_times(self, result: DecodingResult, task: _Task, spans: Sequence[_Span]) -> list[tuple[Word, ...]]:
+    def _word_times(self, result: DecodingResult, task: WindowTask, spans: Sequence[_Span]) -> list[tuple[Word, ...]]:
         """Each span's words in WINDOW seconds, from the alignment heads' attention of the result.
 
         The whole window's text tokens are aligned at once (DTW needs the sequence), then dealt to
@@ -367,7 +299,8 @@ class Transcriber:
         per_span, _ = assign_words(timings, [s.tokens for s in spans], [(s.start, s.end) for s in spans], last_speech=0.0)
         return [tuple(Word(w.word, w.start, w.end, round(w.probability, 4)) for w in seg.words) for seg in per_span]
 
-    def _finish(self, state: _FileState, options: DecodingOptions) -> FileResult:
+    def finish_file(self, state: FileState) -> FileResult:
+        options = state.options
         duration = len(state.audio) / SAMPLE_RATE
         ordered = sorted(state.segments, key=lambda s: (s.start, s.order))
         # A segment ends no later than the next one starts: one that ran across the gap between
@@ -394,40 +327,6 @@ class Transcriber:
         return FileResult(state.name, transcript, None)
 
 
-def _share_encoder_passes(queue: list[_Task], files: dict[int, _FileState]) -> int:
-    """Join each file's queued short windows so that they share encoder passes; returns tasks saved.
-
-    A window's undecoded tail (often 2-8 s) and a file's short windows would each cost a full
-    30 s encoder pass; joined (:func:`~batch_job.segment.join_windows`, first-fit decreasing, at most 30 s), they
-    cost one. Only first attempts are joined: a temperature retry re-decodes its window as it was.
-    (On 681 s of joined clips: 7 tails of 36 s in all took 7 passes, see docs/benchmarks.md.)
-    """
-    by_file: dict[int, list[_Task]] = defaultdict(list)
-    for t in queue:
-        if t.attempt == 0:
-            by_file[t.file].append(t)
-    joined: list[_Task] = []
-    gone: set[int] = set()
-    for file, tasks in by_file.items():
-        if len(tasks) < 2:
-            continue
-        groups = group_to_fill([t.window for t in tasks], max_samples=WINDOW_SECONDS * SAMPLE_RATE)
-        for group in (g for g in groups if len(g) > 1):
-            parts = [tasks[i] for i in group]
-            gone.update(id(t) for t in parts)
-            window = join_windows([t.window for t in parts])
-            # The freshest part's budget: a part never decoded must not inherit a long tail chain's
-            # spent continuations (its audio would be dropped at the cap). Still bounded: each
-            # fresh window can renew the budget once.
-            joined.append(_Task(file, window, continuation=min(t.continuation for t in parts)))
-        files[file].pending -= len(tasks) - len(groups)
-    if not joined:
-        return 0
-    before = len(queue)
-    queue[:] = [t for t in queue if id(t) not in gone] + joined
-    return before - len(queue)
-
-
 def _resume_at_unheard_piece(window: EncoderWindow, spans: Sequence[_Span], consumed: int) -> int:
     """Where decoding of ``window`` goes on: ``consumed``, or earlier, at the first piece that
     starts after the decoded text ended.
@@ -445,9 +344,9 @@ def _resume_at_unheard_piece(window: EncoderWindow, spans: Sequence[_Span], cons
     return consumed
 
 
-def _drop_repeats(segments: list[_Piece]) -> list[_Piece]:
+def _drop_repeats(segments: list[Piece]) -> list[Piece]:
     """Cut a repetition loop: keep the first of consecutive segments with the same text."""
-    out: list[_Piece] = []
+    out: list[Piece] = []
     for seg in segments:
         if out and out[-1].text.lower() == seg.text.lower():
             continue

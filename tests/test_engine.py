@@ -12,7 +12,8 @@ from batch_job.engine.decoding import ApplyTimestampRules, DecodeState, Decoding
 from batch_job.engine.tokens import SpecialTokens
 from batch_job.result import Word
 from batch_job.segment import Packed, join_windows
-from batch_job.transcribe import Guards, Transcriber, _FileState, _Piece, _place_words, _Task
+from batch_job.stream import FileState, Piece, WindowTask
+from batch_job.transcribe import Guards, Transcriber, _place_words
 from tests.conftest import load_clip, reference_text
 
 CLIPS = ["jfk.flac", "librispeech_61-70968-0000.flac", "ljspeech_LJ001-0002.flac", "mfa_cold_corpus.wav"]
@@ -111,7 +112,7 @@ def test_english_only_model_rejects_other_languages(tiny_transcriber):
 
 
 class _FakeEngine:
-    """Just enough engine for Transcriber._accept: text of tokens is their ids joined."""
+    """Just enough engine for Transcriber.accept_window: text of tokens is their ids joined."""
 
     def __init__(self, words: dict[int, str]) -> None:
         self.words = words
@@ -134,20 +135,20 @@ def test_repetition_loop_is_redecoded_then_cut():
     looping = []
     for i in range(12):
         looping += [ts(i), 1, ts(i + 1)]
-    state = _FileState(name="x", audio=np.zeros(16000 * 20, np.float32), pending=1)
-    task = _Task(file=0, window=Packed(((0, 16000 * 20),)))
-    retry = tr._accept(task, _result(looping), state)
+    state = FileState(name="x", audio=np.zeros(16000 * 20, np.float32), pending=1)
+    task = WindowTask(file=0, window=Packed(((0, 16000 * 20),)))
+    retry = tr.accept_window(task, _result(looping), state)
     assert retry is not None and retry.attempt == 1 and state.segments == []
     # Still looping at the last temperature: keep it, but cut consecutive repeats.
-    assert tr._accept(retry, _result(looping), state) is None
+    assert tr.accept_window(retry, _result(looping), state) is None
     assert [s[2] for s in state.segments] == ["the same words again and again"]
 
 
 def test_no_speech_window_is_dropped():
     engine = _FakeEngine({1: " Thank you."})
     tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
-    state = _FileState(name="x", audio=np.zeros(16000 * 5, np.float32), pending=1)
-    out = tr._accept(_Task(0, Packed(((0, 16000 * 5),))), _result([1002, 1, 1100], logprob=-1.5, no_speech=0.9), state)
+    state = FileState(name="x", audio=np.zeros(16000 * 5, np.float32), pending=1)
+    out = tr.accept_window(WindowTask(0, Packed(((0, 16000 * 5),))), _result([1002, 1, 1100], logprob=-1.5, no_speech=0.9), state)
     assert out is None and state.segments == []
 
 
@@ -155,9 +156,9 @@ def test_unconsumed_tail_is_requeued():
     """Decoding that stops on a closed segment pair before the window end re-queues the tail."""
     engine = _FakeEngine({1: " hello"})
     tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
-    state = _FileState(name="x", audio=np.zeros(16000 * 30, np.float32), pending=1)
+    state = FileState(name="x", audio=np.zeros(16000 * 30, np.float32), pending=1)
     toks = [1002, 1, 1002 + 250, 1002 + 250]  # "hello" 0-5 s, then a new segment starts at 5 s and stops
-    follow = tr._accept(_Task(0, Packed(((0, 16000 * 30),))), _result(toks), state)
+    follow = tr.accept_window(WindowTask(0, Packed(((0, 16000 * 30),))), _result(toks), state)
     assert follow is not None and follow.window.spans == ((5 * 16000, 30 * 16000),)
     assert state.segments[0][:3] == (0.0, 5.0, "hello")
 
@@ -169,28 +170,28 @@ def test_pieces_after_the_decoded_text_are_decoded_again(continuation):
     sr = 16000
     engine = _FakeEngine({1: " hello"})
     tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
-    state = _FileState(name="x", audio=np.zeros(sr * 40, np.float32), pending=1)
+    state = FileState(name="x", audio=np.zeros(sr * 40, np.float32), pending=1)
     window = Packed(((0, 5 * sr), (20 * sr, 20 * sr + sr // 2), (30 * sr, 31 * sr)), gap=sr // 2)  # 5 s, 0.5 s, 1 s
     toks = [1002, 1, 1002 + 240]  # "hello" 0-4.8 s, then <|endoftext|>: "the window is done"
-    follow = tr._accept(_Task(0, window, continuation=continuation), _result(toks), state)
+    follow = tr.accept_window(WindowTask(0, window, continuation=continuation), _result(toks), state)
     assert follow is not None and follow.window.spans == window.spans[1:]
     assert follow.continuation == continuation and state.pending == 2
     assert state.segments[0][:3] == (0.0, 4.8, "hello")
     # the model now reads the 0.5 s piece (0-0.5 s of the tail) and stops: the 1 s piece goes on
-    again = tr._accept(follow, _result([1002, 1, 1002 + 25]), state)
+    again = tr.accept_window(follow, _result([1002, 1, 1002 + 25]), state)
     assert again is not None and again.window.spans == window.spans[2:]
     # text running into the last piece ends it: nothing is left unheard
-    assert tr._accept(again, _result([1002, 1, 1002 + 50]), state) is None
+    assert tr.accept_window(again, _result([1002, 1, 1002 + 50]), state) is None
     assert [seg[0] for seg in state.segments] == [0.0, 20.0, 30.0]
 
 
 def test_a_window_read_to_its_last_piece_is_done():
     sr = 16000
     tr = Transcriber(_FakeEngine({1: " hello"}), settings=None)  # type: ignore[arg-type]
-    state = _FileState(name="x", audio=np.zeros(sr * 40, np.float32), pending=1)
+    state = FileState(name="x", audio=np.zeros(sr * 40, np.float32), pending=1)
     window = Packed(((0, 5 * sr), (20 * sr, 24 * sr)), gap=sr // 2)  # the second piece starts at 5.5 s
     toks = [1002, 1, 1002 + 250, 1002 + 250, 1, 1002 + 470]  # two segments, the second inside piece two
-    assert tr._accept(_Task(0, window), _result(toks), state) is None
+    assert tr.accept_window(WindowTask(0, window), _result(toks), state) is None
     assert [seg[2] for seg in state.segments] == ["hello", "hello"]
 
 
@@ -262,10 +263,10 @@ def test_tails_of_distant_windows_share_one_encoder_pass():
 def test_finish_cuts_a_segment_that_runs_past_the_next_one():
     engine = _FakeEngine({})
     tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
-    state = _FileState(name="x", audio=np.zeros(16000 * 400, np.float32))
-    state.segments = [_Piece(10.0, 300.0, "runs across a join", 0), _Piece(50.0, 55.0, "later", 1),
-                      _Piece(300.0, 305.0, "last", 2)]
-    t = tr._finish(state, DecodingOptions()).transcript
+    state = FileState(name="x", audio=np.zeros(16000 * 400, np.float32))
+    state.segments = [Piece(10.0, 300.0, "runs across a join", 0), Piece(50.0, 55.0, "later", 1),
+                      Piece(300.0, 305.0, "last", 2)]
+    t = tr.finish_file(state).transcript
     assert [(s.start, s.end) for s in t.segments] == [(10.0, 50.0), (50.0, 55.0), (300.0, 305.0)]
 
 
@@ -356,16 +357,16 @@ def test_one_hour_file_stays_under_memory_budget(tmp_path, model_cache_dir):
 
 def test_a_joined_window_keeps_the_budget_of_its_freshest_part():
     """A never-decoded window joined to a tail at the continuation cap must not lose its audio."""
-    from batch_job.transcribe import _share_encoder_passes
+    from batch_job.stream import share_encoder_passes
 
     sr = 16000
-    state = _FileState(name="x", audio=np.zeros(sr * 200, np.float32), pending=2)
-    tired_tail = _Task(0, Packed(((10 * sr, 15 * sr),)), continuation=Guards().max_continuations)
-    fresh = _Task(0, Packed(((100 * sr, 120 * sr),)))
-    other_file = _Task(1, Packed(((0, 5 * sr),)))
-    retry = _Task(0, Packed(((150 * sr, 153 * sr),)), attempt=1)
+    state = FileState(name="x", audio=np.zeros(sr * 200, np.float32), pending=2)
+    tired_tail = WindowTask(0, Packed(((10 * sr, 15 * sr),)), continuation=Guards().max_continuations)
+    fresh = WindowTask(0, Packed(((100 * sr, 120 * sr),)))
+    other_file = WindowTask(1, Packed(((0, 5 * sr),)))
+    retry = WindowTask(0, Packed(((150 * sr, 153 * sr),)), attempt=1)
     queue = [tired_tail, fresh, other_file, retry]
-    saved = _share_encoder_passes(queue, {0: state, 1: _FileState(name="y", audio=np.zeros(sr * 5, np.float32), pending=1)})
+    saved = share_encoder_passes(queue, {0: state, 1: FileState(name="y", audio=np.zeros(sr * 5, np.float32), pending=1)})
     assert saved == 1 and state.pending == 1
     joined = [t for t in queue if t.file == 0 and t.attempt == 0]
     assert len(joined) == 1 and joined[0].continuation == 0

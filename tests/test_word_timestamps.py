@@ -153,7 +153,7 @@ def test_packed_window_keeps_each_pieces_word_times(tiny_words_transcriber):
     offset = len(first) + 15 * SR
     audio = np.concatenate([first, np.zeros(15 * SR, np.float32), second])
     from batch_job.segment import pack_windows, split_at_pauses
-    from batch_job.transcribe import PACK_GAP_SECONDS, PAUSE_SECONDS
+    from batch_job.stream import PACK_GAP_SECONDS, PAUSE_SECONDS
 
     # the transcriber's own plan for this file: ONE window of two pieces
     (window,) = pack_windows(split_at_pauses(audio, sample_rate=SR, min_silence_s=PAUSE_SECONDS), sample_rate=SR,
