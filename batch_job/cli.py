@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "submitter.bulk",            # submit s3://bucket/prefix/
     "batch_job.engine.neuron.compile",  # compile --model ... --out DIR
     "batch_job.local.cli",       # local [--once FILE...]
+    "batch_job.serve",           # serve [--port P]: SageMaker endpoints
 )
 
 

@@ -1,4 +1,4 @@
-"""Per-job CloudWatch metrics: Embedded Metric Format lines on stdout, or batched PutMetricData.
+"""Per-job (and per-invocation, for the server) CloudWatch metrics: Embedded Metric Format lines on stdout, or batched PutMetricData.
 
 ``emf`` (default): one JSON line per job on stdout. Batch ships container output to CloudWatch
 Logs, which extracts the metrics from any ``_aws`` document (no agent, no API call, no IAM
@@ -68,6 +68,16 @@ PACK_FIGURES = (
     ("model_load_seconds", "ModelLoadSeconds", "Seconds"),
 )
 
+#: One invocation of the serving endpoint (``whisper-batch serve``): the request's audio, its wall
+#: time (body received to response ready), its wait for a first batch, and the mean share of its
+#: batches' rows that held a window (any request's; the rest was padding).
+INVOCATION_FIGURES = (
+    ("audio_seconds", "InvocationAudioSeconds", "Seconds"),
+    ("wall_seconds", "InvocationWallSeconds", "Seconds"),
+    ("queue_seconds", "InvocationQueueSeconds", "Seconds"),
+    ("batch_fill", "BatchFill", "None"),
+)
+
 
 def _from_figures(settings, table, figures: Mapping[str, Any] | None,
                   properties: Mapping[str, Any] | None) -> JobMetrics:
@@ -97,6 +107,19 @@ def pack_metrics(settings, *, figures: Mapping[str, Any],
                  properties: Mapping[str, Any] | None = None) -> JobMetrics:
     """A pack job's one document (on top of one per object): :data:`PACK_FIGURES`."""
     return _from_figures(settings, PACK_FIGURES, figures, properties)
+
+
+def invocation_metrics(settings, *, succeeded: bool, reason: str | None = None,
+                       figures: Mapping[str, Any] | None = None,
+                       properties: Mapping[str, Any] | None = None) -> JobMetrics:
+    """One invocation's metrics (:data:`INVOCATION_FIGURES`), plus Invocations and, on failure,
+    InvocationsFailed (with ``Service`` alone and with ``Service, Reason``, as JobsFailed)."""
+    m = _from_figures(settings, INVOCATION_FIGURES, figures, properties)
+    m.add("Invocations", 1, "Count")
+    if not succeeded:
+        m.dimensions["Reason"] = reason or "internal_error"
+        m.add("InvocationsFailed", 1, "Count", dimension_sets=((), ("Reason",)))
+    return m
 
 
 def emf_document(m: JobMetrics) -> dict[str, Any]:

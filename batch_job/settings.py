@@ -2,7 +2,8 @@
 
 Every knob of the worker lives here, with its default and the environment variable
 that overrides it (``WHISPER_BATCH_<FIELD>`` upper-cased, e.g. ``WHISPER_BATCH_BATCH_SIZE``).
-Nothing else in ``batch_job`` reads ``os.environ`` for configuration. CLI flags
+Nothing else in ``batch_job`` reads ``os.environ`` for configuration (SageMaker's own port
+variable is read here too: :func:`serve_port`). CLI flags
 override settings through :meth:`Settings.replace`.
 """
 
@@ -96,6 +97,17 @@ class Settings:
     task: str = "transcribe"
     """run-job default ``--task``: ``transcribe`` or ``translate``."""
 
+    # --- serving (whisper-batch serve) -------------------------------------
+    serve_max_queue: int = 64
+    """Requests the server holds at once (decoding or waiting); one more gets 503 with ``Retry-After``."""
+    serve_batch_wait_ms: float = 10.0
+    """Gathering window: an idle engine waits this long for more requests to share its first batch."""
+    serve_max_body_mb: float = 100.0
+    """Largest request body (MB); larger gives 413 ``too_large``. SageMaker's own caps are lower for
+    real-time (25 MB) and serverless (4 MB) endpoints: docs/serving.md."""
+    serve_drain_seconds: float = 60.0
+    """On SIGTERM: how long requests in flight may take to finish before the server stops anyway."""
+
     # --- metrics ----------------------------------------------------------
     metrics_namespace: str = "WhisperBatch"
     """CloudWatch namespace for job metrics."""
@@ -149,3 +161,15 @@ def _coerce(name: str, raw: str, type_name: Any) -> Any:
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a valid {type_name}") from None
     return raw
+
+
+SAGEMAKER_PORT_VARIABLE = "SAGEMAKER_BIND_TO_PORT"
+"""SageMaker tells a serving container its port in this variable (8080 when unset)."""
+DEFAULT_SERVE_PORT = 8080
+
+
+def serve_port(environ: Mapping[str, str] | None = None) -> int:
+    """The port ``whisper-batch serve`` listens on: ``$SAGEMAKER_BIND_TO_PORT``, else 8080."""
+    env = os.environ if environ is None else environ
+    raw = env.get(SAGEMAKER_PORT_VARIABLE, "").strip()
+    return int(_coerce(SAGEMAKER_PORT_VARIABLE, raw, "int")) if raw else DEFAULT_SERVE_PORT
