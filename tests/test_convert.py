@@ -15,7 +15,7 @@ import pytest
 from conftest import shared_clip
 
 from batch_job.engine import models
-from batch_job.engine.convert_ct2 import read_ct2_model
+from batch_job.engine.ct2_model_bin import read_ct2_model
 
 torch = pytest.importorskip("torch")
 ctranslate2 = pytest.importorskip("ctranslate2")
@@ -296,7 +296,7 @@ def test_processor_loads(tiny_en):
 def test_reader_streams_parts_and_rejects_bad_input(tmp_path):
     """Arbitrary split points read the same as one file; truncation, trailing bytes and a
     non-zero key bias are errors, not silently wrong checkpoints."""
-    from batch_job.engine.convert_ct2 import ct2_to_transformers
+    from batch_job.engine.ct2_mapping import ct2_to_transformers
     from batch_job.errors import ModelError
 
     data = _packaged_or_skip("tiny.en")[0].read_bytes()

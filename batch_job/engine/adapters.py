@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from batch_job.engine.convert_ct2 import hash_files, publish_dir
+from batch_job.engine.checkpoint_files import hash_files, publish_dir
 from batch_job.errors import ModelError
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -31,15 +31,9 @@ from typing import TYPE_CHECKING, Any
 from batch_job.constants import LANGUAGE_TOKEN_PATTERN
 from batch_job.engine.adapters import base_reference, is_adapter_dir, resolve_adapter
 from batch_job.engine.bundle import AlignmentHeads, alignment_heads_from
-from batch_job.engine.convert_ct2 import (
-    WEIGHTS_NAME,
-    CT2Source,
-    checksum_file_for,
-    convert_ct2_whisper,
-    hash_files,
-    is_multilingual_vocab,
-    write_checksum_file,
-)
+from batch_job.engine.checkpoint_files import WEIGHTS_NAME, checksum_file_for, hash_files, write_checksum_file
+from batch_job.engine.convert_ct2 import CT2Source, convert_ct2_whisper
+from batch_job.engine.ct2_mapping import is_multilingual_vocab
 from batch_job.engine.tokens import SpecialTokens
 from batch_job.errors import ModelError
 from batch_job.fsutil import atomic_write_text
