@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # buildArch.sh - build the whisper-batch worker image, package the submitter Lambda and deploy
 # cloudformation/template.yaml, then print where to drop audio. See docs/deploy.md.
+# With --endpoint MODE: build + push the serving image to the (existing) stack's ECR repository and
+# deploy cloudformation/endpoint.yaml as a SageMaker endpoint instead. See docs/endpoints.md.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TEMPLATE="$SCRIPT_DIR/cloudformation/template.yaml"
+ENDPOINT_TEMPLATE="$SCRIPT_DIR/cloudformation/endpoint.yaml"
 DOCKERFILE="$SCRIPT_DIR/batch_job/Dockerfile"
 SUBMITTER_DIR="$SCRIPT_DIR/submitter"
 LOCAL_IMAGE=whisper-batch
@@ -12,6 +15,7 @@ LOCAL_IMAGE=whisper-batch
 STACK_NAME=whisper-batch
 REGION=""
 MODEL=openai/whisper-large-v3-turbo   # = the image's default (batch_job/Dockerfile ARG MODEL)
+MODEL_SET=0
 BATCH_SIZE=8
 MAX_TOKENS=224
 VPC_ID=""
@@ -23,6 +27,9 @@ WORD_TIMESTAMPS=""
 USE_SPOT=""
 DRY_RUN=0
 EXTRA_PARAMS=()
+ENDPOINT_MODE=""
+INSTANCE_TYPE=""
+IMAGE_URI=""
 
 usage() {
   cat <<'EOF'
@@ -48,9 +55,19 @@ Options:
   --spot                   run the compute environment on Spot
   --word-timestamps        time every word (stack parameter WordTimestamps=true; the image's graphs
                            always carry the alignment output, so no rebuild is needed to switch)
-  --parameter KEY=VALUE    extra template parameter override (repeatable)
+  --parameter KEY=VALUE    extra template parameter override (repeatable; with --endpoint, of endpoint.yaml)
   --dry-run                print every aws/docker command instead of running it
   -h, --help               show this help
+
+SageMaker endpoint (docs/endpoints.md), instead of the Batch deploy:
+  --endpoint MODE          async | serverless | realtime: build the serving image (serverless and CPU
+                           instance types: the Dockerfile's `cpu` target, default --model tiny.en;
+                           ml.inf2.*: the default Neuron build), push it to the ECR repository of the
+                           existing stack --stack-name (deploy that first), and deploy
+                           cloudformation/endpoint.yaml as stack <stack-name>-endpoint-<MODE>. The Batch
+                           stack itself is not redeployed.
+  --instance-type TYPE     async/realtime instance type (default: the template's, ml.inf2.xlarge)
+  --image-uri URI          serve this ECR image as is (no build, no push, no main stack needed)
 
 Prerequisites: aws (CLI v2, credentials for the target account), docker (engine running),
 python3 with pip (to package the Lambda).
@@ -67,7 +84,7 @@ while [[ $# -gt 0 ]]; do
     -h|--help) usage; exit 0 ;;
     --stack-name) need_value "$@"; STACK_NAME=$2; shift 2 ;;
     --region) need_value "$@"; REGION=$2; shift 2 ;;
-    --model) need_value "$@"; MODEL=$2; shift 2 ;;
+    --model) need_value "$@"; MODEL=$2; MODEL_SET=1; shift 2 ;;
     --batch-size) need_value "$@"; BATCH_SIZE=$2; shift 2 ;;
     --max-tokens) need_value "$@"; MAX_TOKENS=$2; shift 2 ;;
     --vpc-id) need_value "$@"; VPC_ID=$2; shift 2 ;;
@@ -78,16 +95,47 @@ while [[ $# -gt 0 ]]; do
     --spot) USE_SPOT=true; shift ;;
     --word-timestamps) WORD_TIMESTAMPS=true; shift ;;
     --parameter) need_value "$@"; EXTRA_PARAMS+=("$2"); shift 2 ;;
+    --endpoint) need_value "$@"; ENDPOINT_MODE=$2; shift 2 ;;
+    --instance-type) need_value "$@"; INSTANCE_TYPE=$2; shift 2 ;;
+    --image-uri) need_value "$@"; IMAGE_URI=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     *) die "unknown option: $1 (see --help)" ;;
   esac
 done
 
 [[ "$STACK_NAME" =~ ^[A-Za-z][A-Za-z0-9-]{0,100}$ ]] || die "--stack-name must match [A-Za-z][A-Za-z0-9-]*"
+case "$ENDPOINT_MODE" in
+  ""|async|serverless|realtime) ;;
+  *) die "--endpoint must be async, serverless or realtime, not '$ENDPOINT_MODE'" ;;
+esac
+ENDPOINT_STACK=""
+ENDPOINT_TARGET=""
+if [[ -z "$ENDPOINT_MODE" ]]; then
+  [[ -z "$INSTANCE_TYPE" && -z "$IMAGE_URI" ]] || die "--instance-type and --image-uri need --endpoint MODE"
+else
+  ENDPOINT_STACK="$STACK_NAME-endpoint-$ENDPOINT_MODE"
+  # The endpoint is named after its stack: SageMaker endpoint names have at most 63 characters.
+  [[ ${#ENDPOINT_STACK} -le 63 ]] || die "endpoint stack name $ENDPOINT_STACK is longer than 63 characters: use a shorter --stack-name"
+  if [[ -n "$INSTANCE_TYPE" ]]; then
+    [[ "$ENDPOINT_MODE" != serverless ]] || die "--instance-type does not apply to --endpoint serverless (use --parameter ServerlessMemoryMB=...)"
+    [[ "$INSTANCE_TYPE" =~ ^ml\.[a-z0-9]+\.[a-z0-9]+$ ]] || die "invalid --instance-type: $INSTANCE_TYPE (e.g. ml.inf2.xlarge)"
+  fi
+  if [[ -n "$IMAGE_URI" ]]; then
+    [[ "$IMAGE_URI" =~ ^[0-9]{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*|@sha256:[0-9a-f]{64})$ ]] \
+      || die "invalid --image-uri: $IMAGE_URI (ACCOUNT.dkr.ecr.REGION.amazonaws.com/REPOSITORY:TAG)"
+  fi
+  # Which build target serves it: serverless endpoints have no Inferentia (and no GPU), nor do CPU types.
+  if [[ "$ENDPOINT_MODE" == serverless || ( -n "$INSTANCE_TYPE" && "$INSTANCE_TYPE" != ml.inf2.* ) ]]; then
+    ENDPOINT_TARGET=cpu
+    if [[ "$MODEL_SET" -eq 0 ]]; then MODEL=tiny.en; fi   # = the cpu target's ARG MODEL
+  else
+    ENDPOINT_TARGET=neuron
+  fi
+fi
 [[ "$BATCH_SIZE" =~ ^[1-9][0-9]*$ ]] || die "--batch-size must be a positive integer"
 [[ "$MAX_TOKENS" =~ ^[1-9][0-9]*$ ]] || die "--max-tokens must be a positive integer"
 if [[ -z "$IMAGE_TAG" ]]; then
-  IMAGE_TAG="${MODEL//[^A-Za-z0-9_.-]/-}-$(date -u +%Y%m%d%H%M%S)"
+  IMAGE_TAG="${MODEL//[^A-Za-z0-9_.-]/-}${ENDPOINT_TARGET:+-$ENDPOINT_TARGET}-$(date -u +%Y%m%d%H%M%S)"
 fi
 [[ "$IMAGE_TAG" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] || die "invalid --image-tag: $IMAGE_TAG"
 
@@ -132,13 +180,30 @@ require() {
   command -v "$1" >/dev/null 2>&1 || die "'$1' not found on PATH. $2"
 }
 require aws "Install AWS CLI v2: https://docs.aws.amazon.com/cli/latest/userguide/getting-started-install.html"
-require docker "Install Docker (https://docs.docker.com/engine/install/) and start the engine; the worker image is built locally."
-require python3 "Install Python 3 (with pip); it packages the submitter Lambda."
+NEED_DOCKER=1   # --endpoint with --image-uri builds nothing
+NEED_LAMBDA=1   # --endpoint packages no Lambda
+if [[ -n "$ENDPOINT_MODE" ]]; then
+  NEED_LAMBDA=0
+  if [[ -n "$IMAGE_URI" ]]; then NEED_DOCKER=0; fi
+fi
+if [[ "$NEED_DOCKER" -eq 1 ]]; then
+  require docker "Install Docker (https://docs.docker.com/engine/install/) and start the engine; the worker image is built locally."
+fi
+if [[ "$NEED_LAMBDA" -eq 1 ]]; then
+  require python3 "Install Python 3 (with pip); it packages the submitter Lambda."
+fi
 if ! dry; then
-  python3 -m pip --version >/dev/null 2>&1 || die "python3 has no pip (install python3-pip); it packages the submitter Lambda."
-  docker info >/dev/null 2>&1 || die "docker is installed but the engine is not reachable (start Docker, or check permissions on its socket)."
-  [[ -f "$DOCKERFILE" ]] || die "missing $DOCKERFILE"
-  [[ -d "$SUBMITTER_DIR" ]] || die "missing $SUBMITTER_DIR"
+  if [[ "$NEED_LAMBDA" -eq 1 ]]; then
+    python3 -m pip --version >/dev/null 2>&1 || die "python3 has no pip (install python3-pip); it packages the submitter Lambda."
+    [[ -d "$SUBMITTER_DIR" ]] || die "missing $SUBMITTER_DIR"
+  fi
+  if [[ "$NEED_DOCKER" -eq 1 ]]; then
+    docker info >/dev/null 2>&1 || die "docker is installed but the engine is not reachable (start Docker, or check permissions on its socket)."
+    [[ -f "$DOCKERFILE" ]] || die "missing $DOCKERFILE"
+  fi
+  if [[ -n "$ENDPOINT_MODE" ]]; then
+    [[ -f "$ENDPOINT_TEMPLATE" ]] || die "missing $ENDPOINT_TEMPLATE"
+  fi
 fi
 
 # ------------------------------------------------------------------ account, region
@@ -153,6 +218,89 @@ fi
 ACCOUNT=$(query 123456789012 aws sts get-caller-identity --query Account --output text) \
   || die "aws cannot reach the account: configure credentials (aws configure / aws sso login)"
 note "account $ACCOUNT, region $REGION, stack $STACK_NAME, image tag $IMAGE_TAG"
+
+# ------------------------------------------------------------------ stack outputs, image push
+# stack_output_of STACK KEY PLACEHOLDER: one output of a stack ("" when the stack does not exist).
+stack_output_of() {
+  query "$3" aws cloudformation describe-stacks --region "$REGION" --stack-name "$1" \
+    --query "Stacks[0].Outputs[?OutputKey=='$2'].OutputValue" --output text 2>/dev/null || true
+}
+
+stack_output() { stack_output_of "$STACK_NAME" "$1" "$2"; }
+
+push_image() {
+  local repo_uri=$1 registry=${1%%/*}
+  run docker tag "$LOCAL_IMAGE:$IMAGE_TAG" "$repo_uri:$IMAGE_TAG"
+  printf '+ %s | %s\n' "$(quote aws ecr get-login-password --region "$REGION")" \
+    "$(quote docker login --username AWS --password-stdin "$registry")" >&3
+  if ! dry; then
+    aws ecr get-login-password --region "$REGION" | docker login --username AWS --password-stdin "$registry" >/dev/null
+  fi
+  run docker push "$repo_uri:$IMAGE_TAG"
+}
+
+# ------------------------------------------------------------------ SageMaker endpoint (--endpoint)
+# Endpoint only: the image goes to the main stack's ECR repository (the Batch stack is not redeployed;
+# its job definitions keep their image tag), then cloudformation/endpoint.yaml is deployed as its own
+# stack <stack-name>-endpoint-<mode> (its own lifecycle and bill: docs/endpoints.md).
+deploy_endpoint() {
+  local image_uri=$IMAGE_URI repo_uri target_args=() overrides name input limit
+  if [[ -z "$image_uri" ]]; then
+    repo_uri=$(stack_output EcrRepositoryUri "$ACCOUNT.dkr.ecr.$REGION.amazonaws.com/DRYRUN-repository")
+    [[ -n "$repo_uri" && "$repo_uri" != None ]] \
+      || die "stack $STACK_NAME (and its ECR repository) not found in $REGION: deploy it first (./buildArch.sh --stack-name $STACK_NAME), or pass --image-uri"
+    if [[ "$ENDPOINT_TARGET" == cpu ]]; then
+      target_args=(--target cpu --build-arg "MODEL=$MODEL")
+    else
+      target_args=(--build-arg "MODEL=$MODEL" --build-arg "BATCH_SIZE=$BATCH_SIZE" --build-arg "MAX_TOKENS=$MAX_TOKENS")
+    fi
+    note "building the $ENDPOINT_TARGET image (model $MODEL) for the $ENDPOINT_MODE endpoint"
+    run docker build --platform linux/amd64 -f "$DOCKERFILE" "${target_args[@]}" \
+      -t "$LOCAL_IMAGE:$IMAGE_TAG" "$SCRIPT_DIR"
+    push_image "$repo_uri"
+    image_uri="$repo_uri:$IMAGE_TAG"
+  else
+    note "serving $image_uri as is (no build, no push)"
+  fi
+
+  overrides=("Mode=$ENDPOINT_MODE" "ImageUri=$image_uri")
+  if [[ -n "$INSTANCE_TYPE" ]]; then overrides+=("InstanceType=$INSTANCE_TYPE"); fi
+  if [[ -n "$WORD_TIMESTAMPS" ]]; then overrides+=("WordTimestamps=$WORD_TIMESTAMPS"); fi
+  if [[ -n "$ALARM_EMAIL" ]]; then overrides+=("AlarmEmail=$ALARM_EMAIL"); fi
+  if [[ ${#EXTRA_PARAMS[@]} -gt 0 ]]; then overrides+=("${EXTRA_PARAMS[@]}"); fi
+  run aws cloudformation deploy --region "$REGION" --stack-name "$ENDPOINT_STACK" \
+    --template-file "$ENDPOINT_TEMPLATE" \
+    --capabilities CAPABILITY_IAM --no-fail-on-empty-changeset \
+    --tags Project=whisper-batch \
+    --parameter-overrides "${overrides[@]}"
+
+  name=$(stack_output_of "$ENDPOINT_STACK" EndpointName "$ENDPOINT_STACK")
+  printf '\nwhisper-batch %s endpoint deployed (stack %s, image %s).\n' "$ENDPOINT_MODE" "$ENDPOINT_STACK" "$image_uri"
+  printf '  Endpoint name: %s\n' "$name"
+  if [[ "$ENDPOINT_MODE" == async ]]; then
+    input=$(stack_output_of "$ENDPOINT_STACK" InputLocation "s3://DRYRUN-async-bucket/input/")
+    printf '  Upload a request, then queue it (the result lands at the OutputLocation it prints; SNS says when):\n'
+    printf '    aws s3 cp talk.flac %stalk.flac\n' "$input"
+    printf '    aws sagemaker-runtime invoke-endpoint-async --region %s --endpoint-name %s \\\n' "$REGION" "$name"
+    printf '      --content-type audio/flac --accept application/json --custom-attributes language=en \\\n'
+    printf '      --invocation-timeout-seconds 3600 --input-location %stalk.flac\n' "$input"
+  else
+    limit=25
+    if [[ "$ENDPOINT_MODE" == serverless ]]; then limit=4; fi
+    printf '  Transcribe a file (request body up to %s MB, answered within 60 s):\n' "$limit"
+    printf '    aws sagemaker-runtime invoke-endpoint --region %s --endpoint-name %s \\\n' "$REGION" "$name"
+    printf '      --content-type audio/flac --accept text/vtt --custom-attributes language=en \\\n'
+    printf '      --body fileb://talk.flac talk.vtt\n'
+  fi
+  if dry; then
+    echo "(dry run: nothing was built, pushed or deployed)"
+  fi
+}
+
+if [[ -n "$ENDPOINT_MODE" ]]; then
+  deploy_endpoint
+  exit 0
+fi
 
 # ------------------------------------------------------------------ network
 if [[ -z "$VPC_ID" && -z "$SUBNETS" ]]; then
@@ -254,22 +402,6 @@ run aws s3 cp "$ZIP" "s3://$ARTIFACTS_BUCKET/$LAMBDA_KEY" --region "$REGION" --o
 run docker build --platform linux/amd64 -f "$DOCKERFILE" \
   --build-arg "MODEL=$MODEL" --build-arg "BATCH_SIZE=$BATCH_SIZE" --build-arg "MAX_TOKENS=$MAX_TOKENS" \
   -t "$LOCAL_IMAGE:$IMAGE_TAG" "$SCRIPT_DIR"
-
-stack_output() {
-  query "$2" aws cloudformation describe-stacks --region "$REGION" --stack-name "$STACK_NAME" \
-    --query "Stacks[0].Outputs[?OutputKey=='$1'].OutputValue" --output text 2>/dev/null || true
-}
-
-push_image() {
-  local repo_uri=$1 registry=${1%%/*}
-  run docker tag "$LOCAL_IMAGE:$IMAGE_TAG" "$repo_uri:$IMAGE_TAG"
-  printf '+ %s | %s\n' "$(quote aws ecr get-login-password --region "$REGION")" \
-    "$(quote docker login --username AWS --password-stdin "$registry")" >&3
-  if ! dry; then
-    aws ecr get-login-password --region "$REGION" | docker login --username AWS --password-stdin "$registry" >/dev/null
-  fi
-  run docker push "$repo_uri:$IMAGE_TAG"
-}
 
 deploy() {
   local overrides=(

@@ -37,6 +37,8 @@ case "$1 $2" in
     fi
     case "$args" in
       *EcrRepositoryUri*) echo 111122223333.dkr.ecr.eu-west-1.amazonaws.com/wb-repo ;;
+      *-endpoint-*EndpointName*) echo wb-endpoint-from-output ;;
+      *-endpoint-*InputLocation*) echo s3://wb-async-bucket/input/ ;;
       *InputLocation*) echo s3://wb-bucket/audio/ ;;
       *OutputLocation*) echo s3://wb-bucket/transcripts/ ;;
       *DashboardUrl*) echo https://eu-west-1.console.aws.amazon.com/cloudwatch/home#dashboards:name=wb ;;
@@ -108,7 +110,7 @@ def test_help_exits_zero_and_lists_options(fakes):
     proc = run_script(["--help"], env)
     assert proc.returncode == 0, proc.stderr
     for opt in ("--stack-name", "--region", "--model", "--batch-size", "--vpc-id", "--subnets",
-                "--security-groups", "--dry-run", "--image-tag"):
+                "--security-groups", "--dry-run", "--image-tag", "--endpoint", "--instance-type", "--image-uri"):
         assert opt in proc.stdout, opt
     assert calls(log) == []
 
@@ -240,6 +242,7 @@ def project_copy(tmp_path):
     (root / "submitter").mkdir()
     shutil.copy2(SCRIPT, root / "buildArch.sh")
     shutil.copy2(REPO / "cloudformation" / "template.yaml", root / "cloudformation" / "template.yaml")
+    shutil.copy2(REPO / "cloudformation" / "endpoint.yaml", root / "cloudformation" / "endpoint.yaml")
     (root / "batch_job" / "Dockerfile").write_text("FROM scratch\n", encoding="utf-8")
     (root / "submitter" / "__init__.py").write_text("", encoding="utf-8")
     (root / "submitter" / "app.py").write_text("def handler(event, context):\n    return {}\n", encoding="utf-8")
@@ -296,3 +299,174 @@ def test_shellcheck_clean():
     scripts = [str(SCRIPT)] + [str(p) for p in (REPO / ".ci").glob("*.sh")]
     proc = subprocess.run([tool, *scripts], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------- --endpoint (SageMaker)
+ENDPOINT_TEMPLATE = REPO / "cloudformation" / "endpoint.yaml"
+
+
+def overrides_of(deploy_line: str) -> list[str]:
+    return deploy_line.split("--parameter-overrides", 1)[1].split()
+
+
+@pytest.mark.parametrize("bad", ["bogus", "Async", "batch", "real-time"])
+def test_endpoint_bad_mode_fails_clearly(fakes, bad):
+    _, log, env = fakes
+    proc = run_script(["--dry-run", "--region", "eu-west-1", "--endpoint", bad], env)
+    assert proc.returncode != 0
+    assert f"--endpoint must be async, serverless or realtime, not '{bad}'" in proc.stderr
+    assert calls(log) == [] and "+ " not in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--instance-type", "ml.inf2.xlarge"], "need --endpoint MODE"),
+    (["--image-uri", "111122223333.dkr.ecr.eu-west-1.amazonaws.com/repo:t"], "need --endpoint MODE"),
+    (["--endpoint", "serverless", "--instance-type", "ml.c6i.xlarge"], "does not apply to --endpoint serverless"),
+    (["--endpoint", "async", "--instance-type", "inf2.xlarge"], "invalid --instance-type"),
+    (["--endpoint", "async", "--image-uri", "docker.io/library/python:3.11"], "invalid --image-uri"),
+    (["--endpoint", "async", "--stack-name", "s" * 50], "longer than 63 characters"),
+    (["--endpoint"], "--endpoint needs a value"),
+])
+def test_endpoint_option_errors(fakes, args, message):
+    _, log, env = fakes
+    proc = run_script(["--dry-run", "--region", "eu-west-1", *args], env)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert calls(log) == []
+
+
+def test_endpoint_modes_match_the_template():
+    from test_template import load_template
+
+    params = load_template(ENDPOINT_TEMPLATE)["Parameters"]
+    assert params["Mode"]["AllowedValues"] == ["async", "serverless", "realtime"]
+    usage = SCRIPT.read_text(encoding="utf-8")
+    assert "async|serverless|realtime)" in usage.replace('""|', "")
+
+
+def test_endpoint_serverless_dry_run_builds_the_cpu_target(fakes):
+    _, log, env = fakes
+    proc = run_script(["--dry-run", "--region", "eu-west-1", "--stack-name", "wb", "--endpoint", "serverless",
+                       "--image-tag", "s1"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert calls(log) == []
+    lines = printed(proc.stdout)
+    text = "\n".join(lines)
+    build = one(lines, "docker build")
+    assert "--target cpu" in build and "--build-arg MODEL=tiny.en" in build  # the cpu target's default model
+    assert "BATCH_SIZE" not in build and "MAX_TOKENS" not in build            # Neuron-only build args
+    assert f"-f {REPO}/batch_job/Dockerfile" in build and "-t whisper-batch:s1" in build
+    # The image goes to the main stack's repository (looked up, not redeployed).
+    assert "EcrRepositoryUri" in one(lines, "--stack-name wb --query")
+    push = one(lines, "docker push")
+    assert push.endswith("DRYRUN-repository:s1")
+    deploy = one(lines, "aws cloudformation deploy")
+    assert f"--template-file {ENDPOINT_TEMPLATE}" in deploy and "--stack-name wb-endpoint-serverless" in deploy
+    assert "--capabilities CAPABILITY_IAM" in deploy and "--region eu-west-1" in deploy
+    overrides = overrides_of(deploy)
+    assert "Mode=serverless" in overrides
+    assert f"ImageUri={push.split()[-1]}" in overrides
+    assert not any(o.startswith("InstanceType=") for o in overrides)
+    assert lines.index(build) < lines.index(push) < lines.index(deploy)
+    # Nothing of the Batch deploy: no template.yaml, Lambda, artifacts bucket or network discovery.
+    for absent in ("template.yaml", "pip install", "aws s3 cp", "s3api", "describe-vpcs", "describe-subnets"):
+        assert absent not in text, absent
+    # What to run next.
+    assert "Endpoint name: wb-endpoint-serverless" in proc.stdout
+    assert "aws sagemaker-runtime invoke-endpoint --region eu-west-1 --endpoint-name wb-endpoint-serverless" in proc.stdout
+    assert "--body fileb://talk.flac" in proc.stdout and "4 MB" in proc.stdout
+    assert "(dry run: nothing was built, pushed or deployed)" in proc.stdout
+
+
+def test_endpoint_async_dry_run_builds_the_neuron_image(fakes):
+    _, log, env = fakes
+    proc = run_script(["--dry-run", "--region", "eu-west-1", "--endpoint", "async", "--word-timestamps",
+                       "--alarm-email", "ops@example.com", "--parameter", "MaxInstances=4"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert calls(log) == []
+    lines = printed(proc.stdout)
+    build = one(lines, "docker build")
+    assert "--target" not in build  # the default (last) stage: the Neuron image
+    assert "--build-arg MODEL=openai/whisper-large-v3-turbo" in build and "--build-arg BATCH_SIZE=8" in build
+    deploy = one(lines, "aws cloudformation deploy")
+    assert "--stack-name whisper-batch-endpoint-async" in deploy
+    overrides = overrides_of(deploy)
+    assert {"Mode=async", "WordTimestamps=true", "AlarmEmail=ops@example.com", "MaxInstances=4"} <= set(overrides)
+    assert "aws sagemaker-runtime invoke-endpoint-async" in proc.stdout
+    assert "--input-location s3://DRYRUN-async-bucket/input/talk.flac" in proc.stdout
+    assert "aws s3 cp talk.flac s3://DRYRUN-async-bucket/input/talk.flac" in proc.stdout
+    # Every override names a real parameter of endpoint.yaml.
+    from test_template import load_template
+
+    params = load_template(ENDPOINT_TEMPLATE)["Parameters"]
+    assert {o.split("=", 1)[0] for o in overrides} <= set(params)
+
+
+@pytest.mark.parametrize("instance_type, target", [("ml.c6i.xlarge", "cpu"), ("ml.inf2.8xlarge", None)])
+def test_endpoint_realtime_instance_type_picks_the_build_target(fakes, instance_type, target):
+    _, _, env = fakes
+    proc = run_script(["--dry-run", "--region", "eu-west-1", "--endpoint", "realtime", "--instance-type", instance_type],
+                      env)
+    assert proc.returncode == 0, proc.stderr
+    lines = printed(proc.stdout)
+    build = one(lines, "docker build")
+    assert ("--target cpu" in build) == (target == "cpu")
+    assert f"InstanceType={instance_type}" in overrides_of(one(lines, "aws cloudformation deploy"))
+    assert "--accept text/vtt" in proc.stdout and "25 MB" in proc.stdout
+    from test_template import load_template
+
+    allowed = load_template(ENDPOINT_TEMPLATE)["Parameters"]["InstanceType"]["AllowedValues"]
+    assert instance_type in allowed
+
+
+def test_endpoint_with_image_uri_needs_no_docker(fakes, tmp_path):
+    bindir, log, env = fakes
+    limited = tmp_path / "no-docker-bin"
+    limited.mkdir()
+    for tool in SYSTEM_TOOLS:
+        found = shutil.which(tool)
+        if found:
+            (limited / tool).symlink_to(found)
+    (limited / "aws").symlink_to(bindir / "aws")
+    env = dict(env, PATH=str(limited))
+    uri = "111122223333.dkr.ecr.eu-west-1.amazonaws.com/wb-repo:turbo-1"
+    proc = run_script(["--dry-run", "--region", "eu-west-1", "--endpoint", "realtime", "--image-uri", uri], env)
+    assert proc.returncode == 0, proc.stderr
+    lines = printed(proc.stdout)
+    assert not any(line.startswith("docker") or "| docker" in line for line in lines)
+    assert "EcrRepositoryUri" not in "\n".join(lines)
+    assert f"ImageUri={uri}" in overrides_of(one(lines, "aws cloudformation deploy"))
+
+
+def test_endpoint_against_fakes_pushes_then_deploys_only_the_endpoint(fakes, project_copy):
+    _, log, env = fakes
+    env = dict(env, FAKE_STACK_EXISTS="1")
+    proc = run_script(["--region", "eu-west-1", "--stack-name", "wb", "--endpoint", "async", "--image-tag", "e1"],
+                      env, script=project_copy / "buildArch.sh")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cmds = calls(log)
+    build, login, push = index_of(cmds, "docker", "build"), index_of(cmds, "docker", "login"), index_of(cmds, "docker", "push")
+    deploy = index_of(cmds, "aws", "cloudformation", "deploy")
+    assert build < login < push < deploy
+    assert cmds[push][2] == "111122223333.dkr.ecr.eu-west-1.amazonaws.com/wb-repo:e1"
+    deploys = [c for c in cmds if c[:3] == ["aws", "cloudformation", "deploy"]]
+    assert len(deploys) == 1  # the Batch stack is not redeployed
+    d = deploys[0]
+    assert d[d.index("--template-file") + 1] == str(project_copy / "cloudformation" / "endpoint.yaml")
+    assert d[d.index("--stack-name") + 1] == "wb-endpoint-async"
+    overrides = d[d.index("--parameter-overrides") + 1:]
+    assert "ImageUri=111122223333.dkr.ecr.eu-west-1.amazonaws.com/wb-repo:e1" in overrides
+    assert not any(c[:2] == ["aws", "s3"] or c[:2] == ["aws", "s3api"] or c[:2] == ["aws", "ec2"] for c in cmds)
+    # The names printed come from the endpoint stack's outputs.
+    assert "Endpoint name: wb-endpoint-from-output" in proc.stdout
+    assert "--input-location s3://wb-async-bucket/input/talk.flac" in proc.stdout
+
+
+def test_endpoint_without_the_main_stack_says_deploy_it_first(fakes, project_copy):
+    _, log, env = fakes
+    proc = run_script(["--region", "eu-west-1", "--stack-name", "wb", "--endpoint", "serverless"],
+                      env, script=project_copy / "buildArch.sh")
+    assert proc.returncode != 0
+    assert "stack wb (and its ECR repository) not found in eu-west-1: deploy it first" in proc.stderr
+    cmds = calls(log)
+    assert not any(c[0] == "docker" and c[1] in ("build", "push", "login") for c in cmds)  # `docker info` only
+    assert not any(c[:3] == ["aws", "cloudformation", "deploy"] for c in cmds)
