@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lint: ruff on the Python tree (config in pyproject.toml), cfn-lint and checkov on the CloudFormation
-# template, shellcheck on every *.sh in the repository (plus the extension-less shell scripts in .ci/).
+# templates (the Batch stack and the SageMaker endpoint stack), shellcheck on every *.sh in the repository (plus the extension-less shell scripts in .ci/).
 # Exits non-zero on any finding (cfn-lint warnings included).
 #
 # Usage: .ci/lint.sh [LINT_BIN_DIR]
@@ -10,7 +10,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${1:-${LINT_BIN:-$ROOT/.venv-lint/bin}}
-TEMPLATE="$ROOT/cloudformation/template.yaml"
+TEMPLATES=("$ROOT/cloudformation/template.yaml" "$ROOT/cloudformation/endpoint.yaml")
 
 tool() {
   if [[ -x "$BIN/$1" ]]; then
@@ -32,16 +32,18 @@ status=0
 echo "== ruff check"
 (cd "$ROOT" && "$RUFF" check --no-cache .) || status=1
 
-echo "== cfn-lint $TEMPLATE"
-"$CFN_LINT" "$TEMPLATE" || status=1
+for template in "${TEMPLATES[@]}"; do
+  echo "== cfn-lint $template"
+  "$CFN_LINT" "$template" || status=1
 
-echo "== checkov $TEMPLATE"
-# --skip-download: no Prisma/Bridgecrew calls (CI has no network); skips live inline in the template.
-# Scan by a path relative to the repository root: checkov 3.3 slips the template's path into the Lambda
-# environment it checks for secrets (CKV_AWS_45), and an absolute path such as
-# /check/work/main/cloudformation/template.yaml has exactly 40 [A-Za-z0-9/] characters before ".yaml",
-# which its AWS-secret-key pattern flags. The relative path is the same length in every checkout.
-(cd "$ROOT" && "$CHECKOV" -f "${TEMPLATE#"$ROOT"/}" --framework cloudformation --skip-download --compact --quiet) || status=1
+  echo "== checkov $template"
+  # --skip-download: no Prisma/Bridgecrew calls (CI has no network); skips live inline in the template.
+  # Scan by a path relative to the repository root: checkov 3.3 slips the template's path into the Lambda
+  # environment it checks for secrets (CKV_AWS_45), and an absolute path such as
+  # /check/work/main/cloudformation/template.yaml has exactly 40 [A-Za-z0-9/] characters before ".yaml",
+  # which its AWS-secret-key pattern flags. The relative path is the same length in every checkout.
+  (cd "$ROOT" && "$CHECKOV" -f "${template#"$ROOT"/}" --framework cloudformation --skip-download --compact --quiet) || status=1
+done
 
 echo "== shellcheck"
 scripts=()
