@@ -424,7 +424,7 @@ def test_cpu_torch_is_the_cpu_build_at_the_package_pin(cpu_steps):
     i, run = run_with(cpu_steps, "--index-url")
     assert '--index-url "${TORCH_INDEX_URL}"' in run and '"torch==${TORCH_VERSION}"' in run
     # ...then the package with the cpu and models extras; torch is satisfied already (no CUDA wheel).
-    j, install = run_with(cpu_steps, "/opt/whisper-batch/src[cpu,models]")
+    j, install = run_with(cpu_steps, "/opt/whisper-batch/src[cpu,models,serve]")
     assert i < j
     copy_at = next(k for k, (kind, rest) in enumerate(cpu_steps) if kind == "COPY" and rest.endswith("/opt/whisper-batch/src"))
     assert i < copy_at < j  # the torch layer survives code changes
@@ -433,6 +433,8 @@ def test_cpu_torch_is_the_cpu_build_at_the_package_pin(cpu_steps):
     tree = ast.parse(python_c_code(install))
     asserted = [ast.unparse(n.test) for n in ast.walk(tree) if isinstance(n, ast.Assert)]
     assert "is_torch_available()" in asserted and "torch.version.cuda is None" in asserted, asserted
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {"starlette", "uvicorn"} <= imported  # the server's dependencies (the `serve` extra)
 
 
 def test_cpu_bakes_the_packaged_models_at_build_time(cpu_steps):
@@ -475,3 +477,21 @@ def test_cpu_ffmpeg_from_apt(cpu_steps):
     assert cmds[0] == "apt-get update"
     assert "rm -rf /var/lib/apt/lists/*" in cmds
     assert i < index_of(cpu_steps, "USER")
+
+
+@pytest.mark.parametrize("stage", [DEFAULT_STAGE, CPU_STAGE])
+def test_both_targets_install_the_serve_extra(stage):
+    """SageMaker runs either image as `whisper-batch serve` (async/realtime on inf2: the Neuron image)."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    stage_runs = " ".join(r for _, r in runs(stage_steps(dockerfile_steps(), stage)))
+    if "serve" in extras:  # the server's extra (starlette, uvicorn) as pyproject.toml declares it
+        assert any("starlette" in dep for dep in extras["serve"])
+    m = re.search(r'/opt/whisper-batch/src"?\[([^\]]*)\]', stage_runs)
+    assert m, stage_runs
+    extra_text = m.group(1).replace("${extra}", "serve")
+    assert "serve" in extra_text.split(","), extra_text
+    if stage == DEFAULT_STAGE:
+        # ...and a LoRA adapter MODEL keeps its extra next to it.
+        assert 'extra="serve,lora"' in stage_runs
