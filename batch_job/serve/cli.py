@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from batch_job import exit_codes
@@ -68,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     state.on_load_failed = stop
+    # uvicorn catches SIGTERM while it serves, drains, then raises the signal again under the
+    # handler that was there before it: this one, so that a drained server exits 0, not 143.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     log("start", host=args.host, port=port, model=settings.model, device=settings.device, pid=os.getpid(),
         max_queue=settings.serve_max_queue, batch_wait_ms=settings.serve_batch_wait_ms)
     server.run()
