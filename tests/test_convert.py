@@ -16,6 +16,7 @@ from conftest import shared_clip
 
 from batch_job.engine import models
 from batch_job.engine.ct2_model_bin import read_ct2_model
+from batch_job.engine.loaded_model import LoadedModel
 
 torch = pytest.importorskip("torch")
 ctranslate2 = pytest.importorskip("ctranslate2")
@@ -36,13 +37,13 @@ def _packaged_or_skip(name: str) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny_en(model_cache_dir: Path) -> models.LoadedModel:
+def tiny_en(model_cache_dir: Path) -> LoadedModel:
     _packaged_or_skip("tiny.en")
     return models.load_model("tiny.en", cache_dir=model_cache_dir)
 
 
 @pytest.fixture(scope="session")
-def base(model_cache_dir: Path) -> models.LoadedModel:
+def base(model_cache_dir: Path) -> LoadedModel:
     _packaged_or_skip("base")
     return models.load_model("base", cache_dir=model_cache_dir)
 
@@ -67,7 +68,7 @@ def ct2_base(tmp_path_factory) -> ctranslate2.models.Whisper:
     return ctranslate2.models.Whisper(str(directory), device="cpu", compute_type="float32", intra_threads=1)
 
 
-def _features(loaded: models.LoadedModel, clip: str, seconds: float = 30.0) -> np.ndarray:
+def _features(loaded: LoadedModel, clip: str, seconds: float = 30.0) -> np.ndarray:
     """Log-mel features ``[1, n_mels, 3000]`` float32 of the first ``seconds`` of a shared clip."""
     audio, rate = sf.read(shared_clip(clip), dtype="float32", always_2d=True)
     audio = audio.mean(axis=1)
@@ -85,7 +86,7 @@ def encoded_clips() -> dict:
     return {}
 
 
-def _encode(memo: dict, loaded: models.LoadedModel, ct2_model, clip: str):
+def _encode(memo: dict, loaded: LoadedModel, ct2_model, clip: str):
     """Features ``[1, n_mels, 3000]`` of ``clip`` encoded once per model by both engines:
     transformers ``[1, 1500, d_model]`` tensor and CTranslate2 ``StorageView`` of the same shape."""
     key = (loaded.name, clip)
@@ -98,7 +99,7 @@ def _encode(memo: dict, loaded: models.LoadedModel, ct2_model, clip: str):
     return memo[key]
 
 
-def _hf_greedy(loaded: models.LoadedModel, encoded: torch.Tensor, prompt: list[int], timestamps: bool) -> list[int]:
+def _hf_greedy(loaded: LoadedModel, encoded: torch.Tensor, prompt: list[int], timestamps: bool) -> list[int]:
     """Greedy decoding with the transformers model and HF's Whisper logits processors.
 
     ``encoded``: encoder output ``[1, 1500, d_model]``. Returns generated ids without prompt and

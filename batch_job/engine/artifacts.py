@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from batch_job.engine.bundle import AlignmentHeads, MelFrontend, ModelDims, TokenizerText, alignment_heads_from
+from batch_job.engine.bundle import MelFrontend, ModelDims, TokenizerText
+from batch_job.engine.loaded_model import AlignmentHeads, alignment_heads_from
 from batch_job.engine.tokens import SpecialTokens
 from batch_job.fsutil import atomic_write_text
 

@@ -1,6 +1,7 @@
 """What an engine is made of: the pieces every loader produces and the runner consumes.
 
-A :class:`ModelBundle` holds one model's graphs per batch bucket plus the side data decoding
+A :class:`ModelBundle` holds one model's graphs per batch bucket (:class:`BucketGraphs` traced for
+CPU/CUDA, :class:`StatefulGraphs` from ``whisper-batch compile``) plus the side data decoding
 needs (special tokens, dims, the log-mel front end, the detokenizer), whether it was built from a
 transformers checkpoint, read from the CPU graph cache or from ``whisper-batch compile``'s
 directory. Nothing here loads anything: see :mod:`batch_job.engine.loading`.
@@ -16,12 +17,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from batch_job.engine.loaded_model import AlignmentHeads, LoadedModel
 from batch_job.engine.tokens import SpecialTokens
 
 if TYPE_CHECKING:  # pragma: no cover - torch and the loaders are imported only where used
     from batch_job.engine.graphs import CacheShape, StaticCacheInference
-    from batch_job.engine.models import LoadedModel
-    from batch_job.engine.neuron.runtime import StatefulGraphs
 
 Device = Literal["cpu", "cuda", "neuron"]
 
@@ -142,6 +142,27 @@ class BucketGraphs:
 
 
 @dataclass(frozen=True)
+class StatefulGraphs:
+    """One bucket's compiled encoder and stateful step (:class:`~batch_job.engine.graphs.StatefulDecoderStep`).
+
+    ``states`` are the step's state tensors in :data:`~batch_job.engine.graphs.STATE_KINDS` order,
+    as the compiled module holds them (``step.states``; on Neuron: on the device).
+    """
+
+    encode: Callable
+    step: Callable
+    states: tuple
+    dtype: Any
+    emulate_aliases: bool
+
+    def inference(self, shape: Any, *, device: Any = None, alignment_heads: int = 0) -> Any:
+        from batch_job.engine.graphs import StatefulInference
+
+        return StatefulInference(self.encode, self.step, self.states, shape, dtype=self.dtype,
+                                 emulate_aliases=self.emulate_aliases, alignment_heads=alignment_heads)
+
+
+@dataclass(frozen=True)
 class TracedCpuGraphs:
     """The CPU graphs as ``torch.jit`` scripts, in the form the graph cache saves them.
 
@@ -150,19 +171,6 @@ class TracedCpuGraphs:
 
     encoder: Any
     steps: Any
-
-
-AlignmentHeads = tuple[tuple[int, int], ...]
-"""``(layer, head)`` cross-attention heads that track the audio (word timestamps)."""
-
-
-def alignment_heads_from(raw: Any) -> AlignmentHeads:
-    """``[[layer, head], ...]`` (a generation config's or a saved manifest's) as int pairs; ``()`` for
-    ``None`` or empty; ``ValueError`` when it is not a list of pairs."""
-    try:
-        return tuple((int(layer), int(head)) for layer, head in raw or ())
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"alignment_heads {raw!r} is not a list of [layer, head] pairs") from exc
 
 
 BundleSource = Literal["model", "cache", "compiled"]

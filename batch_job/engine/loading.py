@@ -25,7 +25,8 @@ from batch_job.constants import static_cache_len
 from batch_job.engine import graph_cache
 from batch_job.engine.bundle import BucketGraphs, Device, ModelBundle, ModelDims, batch_buckets, checkpoint_parts
 from batch_job.engine.graph_cache import CacheSlot
-from batch_job.engine.models import LoadedModel, load_model, resolve_checkpoint, weights_checksum, word_timing_heads
+from batch_job.engine.loaded_model import LoadedModel
+from batch_job.engine.models import load_model, resolve_checkpoint, weights_checksum, word_timing_heads
 from batch_job.engine.runner import Engine
 from batch_job.errors import ModelError
 from batch_job.settings import Settings, usable_cores

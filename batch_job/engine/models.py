@@ -30,17 +30,16 @@ from typing import TYPE_CHECKING, Any
 
 from batch_job.constants import LANGUAGE_TOKEN_PATTERN
 from batch_job.engine.adapters import base_reference, is_adapter_dir, resolve_adapter
-from batch_job.engine.bundle import AlignmentHeads, alignment_heads_from
 from batch_job.engine.checkpoint_files import WEIGHTS_NAME, checksum_file_for, hash_files, write_checksum_file
 from batch_job.engine.convert_ct2 import CT2Source, convert_ct2_whisper
 from batch_job.engine.ct2_mapping import is_multilingual_vocab
+from batch_job.engine.loaded_model import AlignmentHeads, LoadedModel, alignment_heads_from
 from batch_job.engine.tokens import SpecialTokens
 from batch_job.errors import ModelError
 from batch_job.fsutil import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
 
 
 @dataclass(frozen=True)
@@ -255,30 +254,6 @@ def fetch_model(name: str, cache_dir: str | None = None) -> Path:
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A Whisper model ready for inference, with the token ids the decoding loop needs.
-
-    ``model`` takes ``input_features`` of shape ``[batch, n_mels, 3000]`` (30 s of 16 kHz audio,
-    hop 160) and encodes them to ``[batch, 1500, d_model]``; logits are ``[batch, tokens, vocab]``.
-    Timestamp token ``timestamp_begin + i`` means ``i * 0.02`` s, up to ``<|30.00|>``
-    (``i = 1500``).
-    """
-
-    model: WhisperForConditionalGeneration
-    tokenizer: WhisperTokenizerFast
-    feature_extractor: WhisperFeatureExtractor
-    name: str
-    path: Path
-    checksum: str
-    """sha256 of the weights file (combined over shards when sharded)."""
-    n_mels: int
-    tokens: SpecialTokens
-    """Special token ids (checked against the vocabulary) and the generation config's suppress lists."""
-    alignment_heads: AlignmentHeads = ()
-    """``(layer, head)`` cross-attention heads that track the audio (generation config); word timestamps need them."""
 
 
 def load_model(

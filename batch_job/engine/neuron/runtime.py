@@ -25,7 +25,6 @@ import importlib.util
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,27 +73,6 @@ def check_device_node() -> str:
     return node
 
 
-@dataclass(frozen=True)
-class StatefulGraphs:
-    """One bucket's compiled encoder and stateful step (:class:`~batch_job.engine.graphs.StatefulDecoderStep`).
-
-    ``states`` are the step's state tensors in :data:`~batch_job.engine.graphs.STATE_KINDS` order,
-    as the compiled module holds them (``step.states``; on Neuron: on the device).
-    """
-
-    encode: Callable
-    step: Callable
-    states: tuple
-    dtype: Any
-    emulate_aliases: bool
-
-    def inference(self, shape: Any, *, device: Any = None, alignment_heads: int = 0) -> Any:
-        from batch_job.engine.graphs import StatefulInference
-
-        return StatefulInference(self.encode, self.step, self.states, shape, dtype=self.dtype,
-                                 emulate_aliases=self.emulate_aliases, alignment_heads=alignment_heads)
-
-
 def running_versions(backend: str) -> dict[str, str | None]:
     """The package versions a manifest must match: everything for ``neuron``; torch and us for ``jit``."""
     from batch_job.engine.neuron.manifest import installed_versions
@@ -115,7 +93,7 @@ def load_bundle(settings: Settings, *, batch_sizes: Sequence[int] | None = None)
 
     from batch_job.constants import static_cache_len
     from batch_job.engine.artifacts import read_side_data
-    from batch_job.engine.bundle import ModelBundle
+    from batch_job.engine.bundle import ModelBundle, StatefulGraphs
     from batch_job.engine.neuron.compile import NEURON_HINT, graph_shapes
     from batch_job.engine.neuron.manifest import check_manifest, read_manifest
 
