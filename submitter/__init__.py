@@ -7,6 +7,7 @@ object content in exactly one job.
 * :mod:`submitter.packs` - which objects share a job (pure): estimate, bounds, balance
 * :mod:`submitter.manifest` - the pack manifest the worker reads
 * :mod:`submitter.jobs` - job naming, SubmitJob, idempotency claims, ``Outcome``, ``Clients``
+* :mod:`submitter.objects` - ``ObjectRef`` (the S3 object every other module takes), ``normalize_etag``
 * :mod:`submitter.bulk` - ``whisper-batch submit s3://BUCKET/PREFIX/`` (backfill)
 
 Importing this package imports nothing heavy; the Lambda package holds only this directory

@@ -64,12 +64,11 @@ from submitter.jobs import (
     SKIPPED,
     SUBMITTED,
     Clients,
-    ObjectRef,
     Outcome,
     Submitter,
     describe_error,
-    normalize_etag,
 )
+from submitter.objects import ObjectRef, normalize_etag
 from submitter.settings import SettingsError, SubmitterSettings
 
 SERVICE = os.environ.get("POWERTOOLS_SERVICE_NAME") or "whisper-batch"

@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # pragma: no cover
-    from submitter.jobs import Clients, ObjectRef, Outcome
+    from submitter.jobs import Clients, Outcome
+    from submitter.objects import ObjectRef
     from submitter.packs import Pack
     from submitter.settings import SubmitterSettings
 
@@ -122,7 +123,7 @@ class BulkSubmit:
 
     # -- listing ---------------------------------------------------------------------------------
     def list_objects(self, bucket: str, prefix: str) -> Iterator[ObjectRef]:
-        from submitter.jobs import ObjectRef, normalize_etag
+        from submitter.objects import ObjectRef, normalize_etag
 
         paginator = self.clients.s3.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from submitter import rules
 from submitter.manifest import Manifest, build_manifest
+from submitter.objects import ObjectRef, normalize_etag
 from submitter.packs import Pack, job_definition_for, make_packs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,21 +59,6 @@ _log = logging.getLogger(__name__)
 _MAX_JOB_NAME = 128
 _HASH_CHARS = 12
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-@dataclass(frozen=True)
-class ObjectRef:
-    """An S3 object to transcribe. ``key`` is decoded (never URL-encoded); ``etag`` unquoted."""
-
-    bucket: str
-    key: str
-    etag: str = ""
-    size: int | None = None
-    version_id: str | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
 
 
 @dataclass
@@ -126,11 +112,6 @@ class Outcome:
 # --------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------
-
-def normalize_etag(etag: str | None) -> str:
-    """ETags arrive quoted from HeadObject/ListObjects and unquoted in notifications."""
-    return (etag or "").strip().strip('"')
-
 
 def short_hash(*parts: str, chars: int = _HASH_CHARS) -> str:
     digest = hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from submitter.jobs import ObjectRef
+    from submitter.objects import ObjectRef
 
 #: Folder under the output prefix (the stack's lifecycle rule expires it; the job role reads it).
 MANIFEST_DIR = "_manifests/"

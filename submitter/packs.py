@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from submitter import rules
 
 if TYPE_CHECKING:  # pragma: no cover
-    from submitter.jobs import ObjectRef
+    from submitter.objects import ObjectRef
     from submitter.settings import SubmitterSettings
 
 #: Conservative (LOW) bytes per second of audio, per extension: dividing an object's size by it

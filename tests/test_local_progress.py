@@ -16,7 +16,8 @@ moto = pytest.importorskip("moto")
 
 from batch_job.job import error_marker_key, marker_key  # noqa: E402
 from batch_job.local.progress import Progress  # noqa: E402
-from submitter.jobs import ObjectRef, Outcome  # noqa: E402
+from submitter.jobs import Outcome  # noqa: E402
+from submitter.objects import ObjectRef  # noqa: E402
 
 BUCKET = "whisper-batch"
 OUT = "transcripts/"

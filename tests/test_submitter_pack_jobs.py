@@ -101,7 +101,8 @@ def test_parallelism_spreads_a_burst_over_job_slots(app, recording, pack_setting
 
 
 def test_one_object_per_pack_is_todays_request_exactly(app, recording, aws, pack_settings):
-    from submitter.jobs import ObjectRef, submit_job_request
+    from submitter.jobs import submit_job_request
+    from submitter.objects import ObjectRef
 
     pack_settings(pack_max_objects=1)
     names = ["a.wav", "b b.mp3", "c+d.ogg"]
@@ -159,7 +160,8 @@ def test_a_failed_pack_fails_only_its_records_and_the_redelivery_submits_it(app,
 
 
 def test_an_object_another_submission_holds_is_retried(app, recording, aws):
-    from submitter.jobs import Clients, ObjectRef, Submitter
+    from submitter.jobs import Clients, Submitter
+    from submitter.objects import ObjectRef
 
     other = Submitter(app.SETTINGS, Clients.create(batch=recording, session=aws), source="bulk")
     held = ObjectRef(BUCKET, "uploads/held.wav", "etag-held.wav", 16_000)

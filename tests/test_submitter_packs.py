@@ -9,8 +9,9 @@ import re
 import pytest
 from test_submitter_support import ENV
 
-from submitter.jobs import ObjectRef, manifest_job_request, submit_job_request
+from submitter.jobs import manifest_job_request, submit_job_request
 from submitter.manifest import build_manifest
+from submitter.objects import ObjectRef
 from submitter.packs import BYTES_PER_SECOND, Pack, estimate_audio_seconds, goes_alone, make_packs
 from submitter.settings import SettingsError, SubmitterSettings
 

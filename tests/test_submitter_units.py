@@ -9,7 +9,8 @@ import pytest
 from test_submitter_support import ENV
 
 from submitter import rules
-from submitter.jobs import ObjectRef, job_name, normalize_etag, submit_job_request
+from submitter.jobs import job_name, submit_job_request
+from submitter.objects import ObjectRef, normalize_etag
 from submitter.settings import SettingsError, SubmitterSettings
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
