@@ -285,7 +285,7 @@ deploy_endpoint() {
     printf '      --content-type audio/flac --accept application/json --custom-attributes language=en \\\n'
     printf '      --invocation-timeout-seconds 3600 --input-location %stalk.flac\n' "$input"
   else
-    limit=25
+    limit=6
     if [[ "$ENDPOINT_MODE" == serverless ]]; then limit=4; fi
     printf '  Transcribe a file (request body up to %s MB, answered within 60 s):\n' "$limit"
     printf '    aws sagemaker-runtime invoke-endpoint --region %s --endpoint-name %s \\\n' "$REGION" "$name"

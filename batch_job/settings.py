@@ -104,7 +104,7 @@ class Settings:
     """Gathering window: an idle engine waits this long for more requests to share its first batch."""
     serve_max_body_mb: float = 100.0
     """Largest request body (MB); larger gives 413 ``too_large``. SageMaker's own caps are lower for
-    real-time (25 MB) and serverless (4 MB) endpoints: docs/serving.md."""
+    real-time (6 MB) and serverless (4 MB) endpoints: docs/serving.md."""
     serve_drain_seconds: float = 60.0
     """On SIGTERM: how long requests in flight may take to finish before the server stops anyway."""
 

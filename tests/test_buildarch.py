@@ -411,7 +411,7 @@ def test_endpoint_realtime_instance_type_picks_the_build_target(fakes, instance_
     build = one(lines, "docker build")
     assert ("--target cpu" in build) == (target == "cpu")
     assert f"InstanceType={instance_type}" in overrides_of(one(lines, "aws cloudformation deploy"))
-    assert "--accept text/vtt" in proc.stdout and "25 MB" in proc.stdout
+    assert "--accept text/vtt" in proc.stdout and "6 MB" in proc.stdout
     from test_template import load_template
 
     allowed = load_template(ENDPOINT_TEMPLATE)["Parameters"]["InstanceType"]["AllowedValues"]

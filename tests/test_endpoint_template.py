@@ -23,7 +23,7 @@ PSEUDO = {"AWS::Partition": "aws", "AWS::Region": "eu-west-1", "AWS::AccountId":
 IMAGE = "111122223333.dkr.ecr.eu-west-1.amazonaws.com/wb-repo:turbo-1"
 
 # SageMaker limits (docs/endpoints.md cites them): request bodies per mode, serverless memory.
-MAX_BODY_MB = {"async": 1000, "serverless": 4, "realtime": 25}
+MAX_BODY_MB = {"async": 1000, "serverless": 4, "realtime": 6}
 SERVERLESS_MEMORY_MB = [1024, 2048, 3072, 4096, 5120, 6144]
 
 # Actions without resource-level permissions: "*" is the only valid Resource.

@@ -43,10 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from batch_job.serve.http import create_app
+    except ImportError as exc:
+        print(f"error: serving needs the 'serve' extra ({exc.name} is missing): pip install -e '.[serve]'", file=sys.stderr)
+        return 2
     from batch_job.job.log import JsonLog
-    from batch_job.serve.http import create_app
 
     try:
         settings = Settings.from_env().replace(
