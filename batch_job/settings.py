@@ -97,6 +97,17 @@ class Settings:
     task: str = "transcribe"
     """run-job default ``--task``: ``transcribe`` or ``translate``."""
 
+    # --- speaker labels (diarization) ---------------------------------------
+    diarize: bool = False
+    """Label who speaks: ``speaker`` on JSON segments and words, turns in TXT, labelled SRT cues, VTT
+    voice tags. Turns word timestamps on. Off = nothing loaded, outputs as without it."""
+    speakers: str = "auto"
+    """Speaker count: ``auto`` (estimated within ``min_speakers``..``max_speakers``) or a number."""
+    min_speakers: int = 1
+    """Fewest speakers ``auto`` may find."""
+    max_speakers: int = 8
+    """Most speakers ``auto`` may find."""
+
     # --- serving (whisper-batch serve) -------------------------------------
     serve_max_queue: int = 64
     """Requests the server holds at once (decoding or waiting); one more gets 503 with ``Retry-After``."""
@@ -107,6 +118,14 @@ class Settings:
     real-time (6 MB) and serverless (4 MB) endpoints: docs/serving.md."""
     serve_drain_seconds: float = 60.0
     """On SIGTERM: how long requests in flight may take to finish before the server stops anyway."""
+
+    # --- cost (completion markers' ``cost`` block, whisper-batch status) -----
+    instance_type: str = ""
+    """EC2 instance type the job runs on; empty = asked from the instance metadata service (IMDSv2)."""
+    instance_price_per_hour: float = 0.0
+    """On-demand USD per instance hour; 0 = from the package's price table for ``instance_type``."""
+    jobs_per_instance: int = 0
+    """Jobs sharing one instance (its cost is split between them); 0 = from the instance type."""
 
     # --- metrics ----------------------------------------------------------
     metrics_namespace: str = "WhisperBatch"
