@@ -1,0 +1,23 @@
+from batch_job.pricing import PRICE_TABLE, PRICES_AS_OF, object_cost
+
+
+def test_table_has_inf2_and_date():
+    for t in ("inf2.xlarge", "inf2.8xlarge", "inf2.24xlarge", "inf2.48xlarge"):
+        assert PRICE_TABLE[t].usd_per_hour > 0
+    assert PRICES_AS_OF
+
+
+def test_share_of_instance_hour():
+    c = object_cost(3600.0, "inf2.24xlarge")
+    assert c.usd == round(6.4906 / 12, 8) and c.jobs_per_instance == 12
+
+
+def test_overrides():
+    c = object_cost(1800.0, "whatever", price_override=2.0, jobs_override=4)
+    assert c.usd == 0.25
+
+
+def test_unknown_type_gives_none_with_reason():
+    c = object_cost(10.0, "x9.huge")
+    assert c.usd is None and "WHISPER_BATCH_INSTANCE_PRICE_PER_HOUR" in c.reason
+    assert object_cost(10.0, "").usd is None
