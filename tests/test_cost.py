@@ -21,3 +21,15 @@ def test_unknown_type_gives_none_with_reason():
     c = object_cost(10.0, "x9.huge")
     assert c.usd is None and "WHISPER_BATCH_INSTANCE_PRICE_PER_HOUR" in c.reason
     assert object_cost(10.0, "").usd is None
+
+
+def test_cost_block_splits_model_load_across_pack():
+    from batch_job.job.objects import cost_block
+    from batch_job.settings import Settings
+    s = Settings(instance_type="inf2.xlarge")
+    b = cost_block(s, 36.0, 20.0, 4)
+    assert b["model_load_share_seconds"] == 5.0
+    assert b["usd"] == round(36 / 3600 * 0.7582 / 2, 8)
+    assert b["total_usd"] == round(b["usd"] + b["model_load_usd"], 8)
+    unknown = cost_block(Settings(instance_type=""), 36.0, None, 1)
+    assert unknown["total_usd"] is None and unknown["reason"]

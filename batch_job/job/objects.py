@@ -31,7 +31,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from batch_job import __version__, exit_codes, metrics, s3io
+from batch_job import __version__, exit_codes, metrics, pricing, s3io
 from batch_job.audio import SAMPLE_RATE, AudioWarning, decode_audio
 from batch_job.errors import InterruptedJobError, WhisperBatchError
 from batch_job.job.context import JobContext, JobResult
@@ -192,6 +192,8 @@ class ObjectJob:
                      "job_id": ctx.job_id, "attempt": ctx.attempt,
                      "job_seconds": round(time.monotonic() - self.rt.started, 3),
                      "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        job_block["cost"] = cost_block(self.rt.settings, processing, figures.get("model_load_seconds"),
+                                       (self.rt.pack or {}).get("objects") or 1)
         extra: dict[str, Any] = {"source": self.source, "job": job_block,
                                  "warnings": [asdict(w) for w in self.warnings]}
         if self.rt.pack is not None:
@@ -270,3 +272,19 @@ def emit(rt: Runtime, m: metrics.JobMetrics) -> None:
     problem = metrics.publish(m, rt.settings.metrics_mode, stream=rt.metrics_stream, cloudwatch=rt.cloudwatch)
     if problem:
         rt.log("metrics", level="warning", message=problem)
+
+
+def cost_block(settings: Settings, processing_seconds: float, model_load_seconds: float | None,
+               pack_objects: int) -> dict[str, Any]:
+    """This object's share of instance time: its own wall seconds plus model load / objects in the pack."""
+    load_share = (model_load_seconds or 0.0) / max(pack_objects, 1)
+    own = pricing.object_cost(processing_seconds, settings.instance_type, settings.instance_price_per_hour,
+                              settings.jobs_per_instance)
+    load = pricing.object_cost(load_share, settings.instance_type, settings.instance_price_per_hour,
+                               settings.jobs_per_instance)
+    return {"wall_seconds": round(processing_seconds, 3), "model_load_share_seconds": round(load_share, 3),
+            "usd": own.usd, "model_load_usd": load.usd,
+            "total_usd": None if own.usd is None or load.usd is None else round(own.usd + load.usd, 8),
+            "instance_type": own.instance_type or None, "usd_per_hour": own.usd_per_hour,
+            "jobs_per_instance": own.jobs_per_instance, "prices_as_of": pricing.PRICES_AS_OF,
+            "reason": own.reason or None}
