@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "batch_job.engine.neuron.compile",  # compile --model ... --out DIR
     "batch_job.local.cli",       # local [--once FILE...]
     "batch_job.serve",           # serve [--port P]: SageMaker endpoints
+    "batch_job.status",          # status s3://bucket/prefix/: markers -> progress, failures, cost
 )
 
 
