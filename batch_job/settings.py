@@ -58,6 +58,10 @@ class Settings:
     encoder_dtype: str = "auto"
     """CPU only: the encoder's compute dtype, ``float32`` or ``bfloat16``; ``auto`` = bfloat16 where
     the CPU multiplies bf16 natively (AVX512-BF16 / AMX, as oneDNN reports), else float32."""
+    share_rows: bool = False
+    """Opt-in (measured, not yet the default): short windows of different files share one encoder row (one 30 s encoder pass for several
+    short files; docs/engine.md). Only with a known language (fixed, or an English-only model) and
+    without word timestamps; the server never shares rows between requests."""
     word_timestamps: bool = False
     """Word-level timestamps (``segments[].words`` in the JSON; subtitle cues timed by word). The step
     graphs also return the alignment heads' attention; on Neuron the graphs must be compiled with

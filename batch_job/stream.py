@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -25,6 +25,7 @@ from batch_job.constants import CHUNK_SECONDS
 from batch_job.engine.decoding import DecodingOptions, DecodingResult
 from batch_job.result import FileResult, Word
 from batch_job.segment import EncoderWindow, group_to_fill, join_windows, pack_windows, split_at_pauses
+from batch_job.shared_rows import ROW_MAX_PARTS, plan_rows
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class WindowTask:
     attempt: int = 0  # index into Guards.temperatures
     continuation: int = 0
     best: tuple[DecodingResult, float] | None = None  # best failed attempt and its compression ratio
+    alone: bool = False  # never shares an encoder row with other files' windows (a shared row passed it over)
 
     @property
     def samples(self) -> int:
@@ -84,8 +86,15 @@ class WindowHandler(Protocol):
         ...
 
     def decode_windows(self, tasks: Sequence[WindowTask], files: Mapping[Hashable, FileState],
-                       options: DecodingOptions) -> list[DecodingResult]:
-        """Decode ``tasks`` (at most ``batch_size``) as one batch; one result per task."""
+                       options: DecodingOptions, rows: Sequence[tuple[int, ...]] | None = None,
+                       ) -> list[DecodingResult | None]:
+        """Decode ``tasks`` as one batch; one result per task.
+
+        ``rows`` (only from a stream that shares rows): which tasks share each encoder row, at
+        most ``batch_size`` rows (:mod:`batch_job.shared_rows`); ``None`` = a row per task (at most
+        ``batch_size`` tasks). A task's result is ``None`` when its shared row did not decode it:
+        the stream queues it again, to be decoded alone.
+        """
         ...
 
     def accept_window(self, task: WindowTask, result: DecodingResult, state: FileState) -> WindowTask | None:
@@ -126,14 +135,20 @@ class TranscriptionStream:
 
     ``isolate_failures``: a batch whose decoding raises fails only the files it held (their
     results carry the error) instead of raising out of :meth:`step`.
+
+    ``share_rows``: for which decoding options short first-attempt windows of different files
+    may share one encoder row (:mod:`batch_job.shared_rows`); ``None`` = never (the server: rows
+    are never shared between requests).
     """
 
-    def __init__(self, handler: WindowHandler, *, order: str = "longest", isolate_failures: bool = False) -> None:
+    def __init__(self, handler: WindowHandler, *, order: str = "longest", isolate_failures: bool = False,
+                 share_rows: Callable[[DecodingOptions], bool] | None = None) -> None:
         if order not in ORDERS:
             raise ValueError(f"order must be 'longest' or 'fair', not {order!r}")
         self._handler = handler
         self._order = order
         self._isolate = isolate_failures
+        self._share_rows = share_rows
         self._files: dict[Hashable, FileState] = {}
         self._queue: list[WindowTask] = []
         self.batch_size = handler.batch_size
@@ -146,6 +161,11 @@ class TranscriptionStream:
     def queued(self) -> int:
         """Windows waiting to be decoded."""
         return len(self._queue)
+
+    @property
+    def wanted(self) -> int:
+        """Windows worth having queued before a step: enough to fill every row of a batch."""
+        return self.batch_size * (ROW_MAX_PARTS if self._share_rows is not None else 1)
 
     def add(self, key: Hashable, name: str, audio: np.ndarray, options: DecodingOptions, *,
             decode_audio_seconds: float = 0.0) -> FileResult | None:
@@ -177,12 +197,15 @@ class TranscriptionStream:
         if not self._queue:
             return self._finish_all(), None
         self.total_windows -= share_encoder_passes(self._queue, self._files)
-        tasks = self._pick()
+        tasks, rows = self._pick()
         keys = tuple(dict.fromkeys(t.file for t in tasks))
-        report = BatchReport(len(tasks), self.batch_size, keys)
+        report = BatchReport(len(rows) if rows else len(tasks), self.batch_size, keys)
         options = self._files[tasks[0].file].options
         try:
-            results = self._handler.decode_windows(tasks, self._files, options)
+            if rows is None:
+                results = self._handler.decode_windows(tasks, self._files, options)
+            else:
+                results = self._handler.decode_windows(tasks, self._files, options, rows)
         except Exception as exc:
             if not self._isolate:
                 raise
@@ -190,6 +213,9 @@ class TranscriptionStream:
             return [(k, self._fail(k, exc)) for k in keys], report
         for task_, result in zip(tasks, results):
             state = self._files[task_.file]
+            if result is None:  # its shared row passed it over: again, alone
+                self._queue.append(replace(task_, alone=True))
+                continue
             follow_up = self._handler.accept_window(task_, result, state)
             if follow_up is not None:
                 self._queue.append(follow_up)
@@ -204,13 +230,24 @@ class TranscriptionStream:
             finished += self._finish_all()
         return finished, report
 
-    def _pick(self) -> list[WindowTask]:
-        """Take one batch of tasks off the queue, all with the same decoding options."""
+    def _pick(self) -> tuple[list[WindowTask], list[tuple[int, ...]] | None]:
+        """Take one batch of tasks off the queue, all with the same decoding options, and the
+        rows they share (``None``: a row each)."""
+        rows: list[tuple[int, ...]] | None = None
         if self._order == "longest":
             self._queue.sort(key=lambda t: t.samples, reverse=True)
             options = self._files[self._queue[0].file].options
             mine = [t for t in self._queue if self._files[t.file].options == options]
-            taken = mine[: self.batch_size]
+            if self._share_rows is not None and self._share_rows(options):
+                planned = plan_rows([t.samples for t in mine], [t.attempt == 0 and not t.alone for t in mine],
+                                    max_rows=self.batch_size)
+                taken = [mine[i] for row in planned for i in row]
+                rows, pos = [], 0
+                for row in planned:
+                    rows.append(tuple(range(pos, pos + len(row))))
+                    pos += len(row)
+            else:
+                taken = mine[: self.batch_size]
         else:
             # Files in arrival order (dicts keep insertion order); each gives one window per round.
             oldest = next(k for k in self._files if any(t.file == k for t in self._queue))
@@ -226,7 +263,7 @@ class TranscriptionStream:
                         taken.append(waiting.pop(0))
         gone = {id(t) for t in taken}
         self._queue[:] = [t for t in self._queue if id(t) not in gone]
-        return taken
+        return taken, rows
 
     def _fail(self, key: Hashable, exc: BaseException) -> FileResult:
         self._queue[:] = [t for t in self._queue if t.file != key]
@@ -261,7 +298,8 @@ def share_encoder_passes(queue: list[WindowTask], files: Mapping[Hashable, FileS
             # The freshest part's budget: a part never decoded must not inherit a long tail chain's
             # spent continuations (its audio would be dropped at the cap). Still bounded: each
             # fresh window can renew the budget once.
-            joined.append(WindowTask(file, window, continuation=min(t.continuation for t in parts)))
+            joined.append(WindowTask(file, window, continuation=min(t.continuation for t in parts),
+                                     alone=any(t.alone for t in parts)))
         files[file].pending -= len(tasks) - len(groups)
     if not joined:
         return 0

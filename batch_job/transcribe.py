@@ -36,6 +36,7 @@ from batch_job.engine.decoding import DecodingOptions, DecodingResult, compressi
 from batch_job.result import FileResult, Segment, Transcript, Word
 from batch_job.segment import EncoderWindow
 from batch_job.settings import Settings
+from batch_job.shared_rows import join_row, split_row
 from batch_job.stream import FileState, Piece, TranscriptionStream, WindowTask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -121,14 +122,15 @@ class Transcriber:
         from batch_job.audio import load_audio
 
         options = self.options(language=language, task=task)
-        stream = TranscriptionStream(self)
+        sharing = self.settings is not None and self.settings.share_rows
+        stream = TranscriptionStream(self, share_rows=self.shares_rows if sharing else None)
         source = iter(enumerate(inputs))
         exhausted = False
         bar = _progress_bar(progress)
 
         def admit() -> Iterator[FileResult]:
             nonlocal exhausted
-            while not exhausted and stream.queued < stream.batch_size:
+            while not exhausted and stream.queued < stream.wanted:
                 try:
                     idx, (name, item) = next(source)
                 except StopIteration:
@@ -175,10 +177,28 @@ class Transcriber:
     def batch_size(self) -> int:
         return self.engine.max_batch
 
-    def decode_windows(self, tasks: Sequence[WindowTask], files: Mapping[Hashable, FileState], options: DecodingOptions) -> list[DecodingResult]:
-        rows = [t.window.audio(files[t.file].audio) for t in tasks]
-        temps = [self.guards.temperatures[t.attempt] for t in tasks]
-        results, timings = self.engine.decode(rows, options, temperatures=temps)
+    def shares_rows(self, options: DecodingOptions) -> bool:
+        """Whether windows of different files may share an encoder row under ``options``: only where
+        the row's language is every window's (fixed, or an English-only model) and without word
+        timestamps (:mod:`batch_job.shared_rows`)."""
+        known_language = options.language is not None or not self.engine.tokens.is_multilingual
+        return known_language and not (self.settings is not None and self.settings.word_timestamps)
+
+    def decode_windows(self, tasks: Sequence[WindowTask], files: Mapping[Hashable, FileState], options: DecodingOptions,
+                       rows: Sequence[tuple[int, ...]] | None = None) -> list[DecodingResult | None]:
+        rows = rows or [(i,) for i in range(len(tasks))]
+        audio = [[tasks[i].window.audio(files[tasks[i].file].audio) for i in row] for row in rows]
+        row_audio = [parts[0] if len(parts) == 1 else join_row(parts) for parts in audio]
+        temps = [self.guards.temperatures[tasks[row[0]].attempt] for row in rows]
+        decoded, timings = self.engine.decode(row_audio, options, temperatures=temps)
+        results: list[DecodingResult | None] = [None] * len(tasks)
+        for row, parts, result in zip(rows, audio, decoded):
+            if len(row) == 1:
+                results[row[0]] = result
+                continue
+            split = split_row(result, [len(p) for p in parts], timestamp_begin=self.engine.tokens.timestamp_begin)
+            for i, part in zip(row, split):
+                results[i] = part
         share = 1.0 / len(tasks)
         for t in tasks:
             for k, v in timings.items():

@@ -1,0 +1,184 @@
+"""Short windows of DIFFERENT files sharing one encoder row, and the row's result dealt back.
+
+Whisper's encoder always runs on 30 s. A 7 s voicemail alone in a row pays for 30 s of encoder
+work; on CPU the encoder is most of the compute on short files (docs/benchmarks.md, "Where the
+time goes"). So the stream may put several short windows, of different files with the same
+decoding options, into one row: their audio is concatenated with :data:`ROW_GAP_SECONDS` of
+silence between them, decoded once, and the row's timestamped segments are dealt back to the
+windows they lie in (:func:`split_row`), each re-based to its own window's timeline, as if it
+had been decoded alone. The transcriber's guards (compression ratio, log-probability, tails)
+then judge each window on its own.
+
+Text never moves between files: a segment that lies across the gap between two windows makes
+the whole row unsplittable, and its windows are decoded again, each alone. A window the row did
+not reach (decoding stopped early) or gave no text comes back as ``None``, and is decoded again
+alone too: every window holds speech, so a shared row that passed over one must not drop it.
+
+Rows are shared only where the row's language is the language of every window in it (a fixed
+``--language``, or an English-only model) and without word timestamps (the alignment heads'
+attention is not split here); the server never shares a row between requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from batch_job.audio import SAMPLE_RATE
+from batch_job.constants import CHUNK_SECONDS, SECONDS_PER_TIMESTAMP
+from batch_job.engine.decoding import DecodingResult
+
+ROW_GAP_SECONDS = 1.0
+"""Silence between windows of different files in one row: long enough for Whisper to end a
+segment there (a segment across it makes the row unsplittable)."""
+ROW_MAX_PARTS = 6
+"""Most windows in one row (their text shares the row's ``max_new_tokens``)."""
+STRAY_SECONDS = 0.2
+"""A segment may reach this far into a neighbouring window (timestamps are 20 ms tokens and
+drift a little) before it counts as lying across two windows."""
+ROW_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE
+ROW_GAP_SAMPLES = int(ROW_GAP_SECONDS * SAMPLE_RATE)
+
+
+def plan_rows(lengths: Sequence[int], shareable: Sequence[bool], *, max_rows: int,
+              capacity: int = ROW_SAMPLES, gap: int = ROW_GAP_SAMPLES,
+              max_parts: int = ROW_MAX_PARTS) -> list[tuple[int, ...]]:
+    """First-fit rows over windows given longest first: at most ``max_rows`` rows of indices.
+
+    ``lengths[i]``: window ``i``'s samples; a window that is not ``shareable`` (a retry, or one
+    whose shared row could not be split) gets a row of its own. Windows that fit in no row are
+    left out (they wait for the next batch). Each row keeps its windows in the order given.
+    """
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        if shareable[i]:
+            for r, row in enumerate(rows):
+                if shareable[row[0]] and len(row) < max_parts and used[r] + gap + n <= capacity:
+                    row.append(i)
+                    used[r] += gap + n
+                    break
+            else:
+                if len(rows) < max_rows:
+                    rows.append([i])
+                    used.append(n)
+        elif len(rows) < max_rows:
+            rows.append([i])
+            used.append(capacity)
+    return [tuple(r) for r in rows]
+
+
+def join_row(parts: Sequence[np.ndarray], gap: int = ROW_GAP_SAMPLES) -> np.ndarray:
+    """One row's audio: ``parts`` (float32 ``[n_i]``) with ``gap`` samples of silence between them."""
+    out = np.zeros(sum(len(p) for p in parts) + gap * (len(parts) - 1), dtype=np.float32)
+    for o, p in zip(part_offsets([len(p) for p in parts], gap), parts):
+        out[o : o + len(p)] = p
+    return out
+
+
+def part_offsets(part_samples: Sequence[int], gap: int = ROW_GAP_SAMPLES) -> list[int]:
+    """Where each window starts in the row (samples)."""
+    out, pos = [], 0
+    for n in part_samples:
+        out.append(pos)
+        pos += n + gap
+    return out
+
+
+def split_row(result: DecodingResult, part_samples: Sequence[int], *, timestamp_begin: int,
+              gap: int = ROW_GAP_SAMPLES) -> list[DecodingResult | None]:
+    """Deal a shared row's result to its windows; ``None`` for the whole row if it cannot be split.
+
+    Returns one result per window, in window coordinates (timestamps re-based to the window's
+    start), or ``None`` for a window the row's decoding did not reach or gave no text. A window fully decoded
+    ends with a closing timestamp (the transcriber reads it as consumed); one the decoding
+    stopped inside ends with a repeated timestamp at its last complete segment (the rest of it
+    is its tail).
+    """
+    tb = timestamp_begin
+    segments, open_segment = _segments(result, tb)
+    row_end = part_offsets(part_samples, gap)[-1] + part_samples[-1]
+    if open_segment is not None and open_segment.text and not segments:
+        # One unfinished segment and nothing else: as a window alone, it counts as the whole row.
+        open_segment.end = row_end / SAMPLE_RATE
+        segments, open_segment = [open_segment], None
+    consumed = row_end if open_segment is None else (int(round(segments[-1].end * SAMPLE_RATE)) if segments else 0)
+    offsets = part_offsets(part_samples, gap)
+    dealt: list[list[_Seg]] = [[] for _ in part_samples]
+    for seg in segments:
+        a, b = int(round(seg.start * SAMPLE_RATE)), int(round(seg.end * SAMPLE_RATE))
+        overlaps = sorted(((min(b, o + n) - max(a, o), k) for k, (o, n) in enumerate(zip(offsets, part_samples))),
+                          reverse=True)
+        if len(overlaps) > 1 and overlaps[1][0] > STRAY_SECONDS * SAMPLE_RATE:
+            return [None] * len(part_samples)  # across two files' windows: never guess whose words these are
+        k = overlaps[0][1]
+        if overlaps[0][0] <= 0:  # wholly inside a gap: the nearest window
+            k = min(range(len(offsets)), key=lambda j: min(abs(a - offsets[j]), abs(a - offsets[j] - part_samples[j])))
+        o, n = offsets[k] / SAMPLE_RATE, part_samples[k] / SAMPLE_RATE
+        dealt[k].append(_Seg(min(max(seg.start - o, 0.0), n), min(max(seg.end - o, 0.0), n), seg.text, seg.stamps))
+    out: list[DecodingResult | None] = []
+    for k, (o, n) in enumerate(zip(offsets, part_samples)):
+        if consumed >= o + n:
+            out.append(_part_result(result, dealt[k], tb, complete=True))
+        elif consumed <= o or not dealt[k]:
+            out.append(None)  # not reached (or nothing complete in it): decoded again, alone
+        else:
+            out.append(_part_result(result, dealt[k], tb, complete=False))
+    return out
+
+
+def _segments(result: DecodingResult, tb: int) -> tuple[list[_Seg], _Seg | None]:
+    """Closed segments in row seconds, in order, and the open one decoding stopped inside (if any)."""
+    logprobs = result.token_logprobs or (result.avg_logprob,) * len(result.tokens)
+    closed: list[_Seg] = []
+    current: _Seg | None = None
+    last_end = 0.0
+    for tok, lp in zip(result.tokens, logprobs):
+        if tok >= tb:
+            t = (tok - tb) * SECONDS_PER_TIMESTAMP
+            if current is None:
+                current = _Seg(t, t, [], [lp])
+            else:
+                if current.text:
+                    closed.append(_Seg(current.start, max(t, current.start), current.text, [*current.stamps, lp]))
+                last_end, current = t, None
+        else:
+            if current is None:
+                current = _Seg(last_end, last_end, [], [])
+            current.text.append((tok, lp))
+    return closed, current  # an open segment, even empty, means decoding stopped inside the row
+
+
+def _part_result(row: DecodingResult, segments: list[_Seg], tb: int, *, complete: bool) -> DecodingResult | None:
+    """One window's share of the row, as the decoder would have given it for the window alone.
+
+    ``None`` when the row gave the window no text: every window holds speech (the segmenter cut
+    it around some), so a window the shared decoding passed over is decoded again, alone.
+    """
+    if not any(s.text for s in segments):
+        return None
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    for seg in segments:
+        tokens += [tb + int(round(seg.start / SECONDS_PER_TIMESTAMP)), *(t for t, _ in seg.text),
+                   tb + int(round(seg.end / SECONDS_PER_TIMESTAMP))]
+        logprobs += [seg.stamps[0], *(lp for _, lp in seg.text), seg.stamps[-1]]
+    if not complete:
+        tokens.append(tokens[-1])  # stopped at a segment boundary: the rest is this window's tail
+        logprobs.append(0.0)
+    return replace(row, tokens=tuple(tokens), token_logprobs=tuple(logprobs),
+                   avg_logprob=sum(logprobs) / len(logprobs), truncated=row.truncated and not complete,
+                   alignment=None)
+
+
+@dataclass
+class _Seg:
+    """A decoded segment of the row: seconds, its text tokens with their log-probabilities, and
+    the log-probabilities of its opening and closing timestamps."""
+
+    start: float
+    end: float
+    text: list[tuple[int, float]] = field(default_factory=list)
+    stamps: list[float] = field(default_factory=list)

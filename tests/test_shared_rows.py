@@ -1,0 +1,125 @@
+"""Short windows of different files sharing one encoder row (batch_job/shared_rows.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jiwer
+import numpy as np
+from conftest import load_clip, reference_text
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from batch_job.engine.decoding import DecodingResult
+from batch_job.shared_rows import join_row, part_offsets, plan_rows, split_row
+from batch_job.transcribe import Transcriber
+
+SR = 16000
+TB = 50363  # tiny.en's <|0.00|>
+
+
+def ts(seconds: float) -> int:
+    return TB + int(round(seconds / 0.02))
+
+
+def result(tokens: list[int], **kw) -> DecodingResult:
+    fields = dict(language="en", avg_logprob=-0.2, no_speech_prob=0.01, temperature=0.0, truncated=False,
+                  token_logprobs=tuple(-0.1 for _ in tokens))
+    fields.update(kw)
+    return DecodingResult(tokens=tuple(tokens), **fields)
+
+
+def test_plan_rows_first_fit_within_30_s_and_the_row_limit():
+    lengths = [20 * SR, 12 * SR, 9 * SR, 8 * SR, 5 * SR, 3 * SR]
+    rows = plan_rows(lengths, [True] * 6, max_rows=2, gap=SR)
+    assert rows == [(0, 2), (1, 3, 4)]  # 20+1+9 = 30 s; 12+1+8+1+5 = 27 s, +1+3 would be 31 s: waits
+    for row in rows:
+        assert sum(lengths[i] for i in row) + SR * (len(row) - 1) <= 30 * SR
+
+
+def test_plan_rows_keeps_unshareable_windows_alone_and_leaves_what_does_not_fit():
+    lengths = [10 * SR, 10 * SR, 5 * SR, 5 * SR]
+    rows = plan_rows(lengths, [True, False, True, True], max_rows=2, gap=SR)
+    assert rows == [(0, 2, 3), (1,)]
+    assert plan_rows(lengths, [False] * 4, max_rows=2) == [(0,), (1,)]  # the rest waits
+
+
+def test_split_row_rebases_each_segment_to_its_window():
+    parts = [5 * SR, 4 * SR]
+    off = part_offsets(parts, SR)[1] / SR  # 6.0 s
+    row = result([ts(0.0), 11, 12, ts(4.8), ts(off + 0.2), 21, 22, 23, ts(off + 3.5)])
+    a, b = split_row(row, parts, timestamp_begin=TB, gap=SR)
+    assert a.tokens == (ts(0.0), 11, 12, ts(4.8))
+    assert b.tokens == (ts(0.2), 21, 22, 23, ts(3.5))
+    assert a.alignment is None and b.language == "en"
+
+
+def test_split_row_refuses_a_segment_across_two_files():
+    parts = [5 * SR, 4 * SR]
+    row = result([ts(0.0), 11, ts(4.0), ts(4.2), 12, 13, ts(8.0)])  # 4.2-8.0 s covers the join at 5-6 s
+    assert split_row(row, parts, timestamp_begin=TB, gap=SR) == [None, None]
+
+
+def test_split_row_returns_unreached_and_silent_windows_for_decoding_alone():
+    parts = [5 * SR, 4 * SR, 4 * SR]
+    # Decoding stopped after the first window's segment (a repeated timestamp, then the token cap).
+    row = result([ts(0.0), 11, ts(3.0), ts(3.0)], truncated=True)
+    first, second, third = split_row(row, parts, timestamp_begin=TB, gap=SR)
+    assert first is not None and first.tokens[-2:] == (ts(3.0), ts(3.0))  # consumed to 3.0 s, tail after
+    assert second is None and third is None
+    # A complete row that said nothing in the second window: that window is decoded again.
+    row = result([ts(0.0), 11, ts(4.0), ts(12.3), 31, ts(15.0)])
+    first, second, third = split_row(row, parts, timestamp_begin=TB, gap=SR)
+    assert first is not None and second is None and third is not None
+
+
+def test_join_row_puts_silence_between_parts():
+    a, b = np.ones(3, np.float32), np.full(2, 2.0, np.float32)
+    out = join_row([a, b], gap=4)
+    assert out.tolist() == [1, 1, 1, 0, 0, 0, 0, 2, 2]
+
+
+CLIPS = ["jfk.flac", "ljspeech_LJ001-0001.flac", "ljspeech_LJ001-0002.flac", "ljspeech_LJ001-0003.flac",
+         "ljspeech_LJ001-0004.flac", "ljspeech_LJ001-0005.flac"]
+
+
+def wer(refs: list[str], hyps: list[str]) -> float:
+    norm = EnglishTextNormalizer()
+    return jiwer.wer([norm(r) for r in refs], [norm(h) for h in hyps])
+
+
+def test_shared_rows_keep_every_files_text_with_it_and_use_fewer_encoder_rows(tiny_settings):
+    """Real clips of different speakers through one engine: each file's transcript matches its
+    own reference (no words from a neighbour), WER within 1 pt of decoding each alone."""
+    alone = Transcriber.load(dataclasses.replace(tiny_settings, share_rows=False))
+    shared = Transcriber.load(dataclasses.replace(tiny_settings, share_rows=True))
+    inputs = [(name, load_clip(name)) for name in CLIPS]
+    refs = [reference_text(name) for name in CLIPS]
+    rows_used: list[int] = []
+    original = shared.decode_windows
+
+    def counting(tasks, files, options, rows=None):
+        rows_used.append(len(rows) if rows else len(tasks))
+        return original(tasks, files, options, rows)
+
+    shared.decode_windows = counting  # type: ignore[method-assign]
+    by_alone = {r.name: r.transcript.text for r in alone.transcribe_many(inputs)}
+    by_shared = {r.name: r.transcript.text for r in shared.transcribe_many(inputs)}
+    assert set(by_shared) == set(CLIPS)
+    assert rows_used[0] < len(CLIPS)  # the first batch put several files in one encoder row
+    for name, ref in zip(CLIPS, refs):
+        own = wer([ref], [by_shared[name]])
+        assert own < 0.25, (name, by_shared[name])
+        others = [r for n, r in zip(CLIPS, refs) if n != name]
+        # No other file's words leaked in: the hypothesis is no closer to any other reference.
+        assert all(wer([o], [by_shared[name]]) > own for o in others)
+    pooled_alone = wer(refs, [by_alone[n] for n in CLIPS])
+    pooled_shared = wer(refs, [by_shared[n] for n in CLIPS])
+    assert pooled_shared <= pooled_alone + 0.01
+
+
+def test_rows_are_not_shared_with_word_timestamps_or_an_unknown_language(tiny_settings):
+    shared = Transcriber.load(dataclasses.replace(tiny_settings, share_rows=True))
+    options = shared.options()
+    assert shared.shares_rows(options)  # English-only model: the language is known
+    words = dataclasses.replace(shared.settings, word_timestamps=True)
+    assert not Transcriber.shares_rows(type("T", (), {"settings": words, "engine": shared.engine})(), options)
