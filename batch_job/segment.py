@@ -253,7 +253,7 @@ class Packed:
         if len(self.spans) == 1:
             a, b = self.spans[0]
             return audio[a:b]
-        return _with_gaps([audio[a:b] for a, b in self.spans], self.gap)
+        return with_gaps([audio[a:b] for a, b in self.spans], self.gap)
 
     def _offsets(self) -> list[tuple[int, int, int]]:
         """``(window_start, file_start, file_end)`` of each span."""
@@ -294,7 +294,7 @@ class Packed:
         return Packed(tuple(rest), self.gap) if rest else None
 
 
-def _with_gaps(pieces: list[np.ndarray], gap: int) -> np.ndarray:
+def with_gaps(pieces: list[np.ndarray], gap: int) -> np.ndarray:
     """``pieces`` concatenated with ``gap`` samples of silence between consecutive ones."""
     silence = np.zeros(gap, dtype=pieces[0].dtype)
     rows: list[np.ndarray] = []
@@ -367,7 +367,7 @@ class Joined:
 
     def audio(self, audio: np.ndarray) -> np.ndarray:
         """The joined window's samples."""
-        return _with_gaps([p.audio(audio) for p in self.parts], self.gap)
+        return with_gaps([p.audio(audio) for p in self.parts], self.gap)
 
     def place(self, start: int, end: int) -> tuple[int, int]:
         """A stretch of the window -> the file, inside the part it overlaps most (the first on a tie)."""

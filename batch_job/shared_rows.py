@@ -29,6 +29,7 @@ import numpy as np
 from batch_job.audio import SAMPLE_RATE
 from batch_job.constants import CHUNK_SECONDS, SECONDS_PER_TIMESTAMP
 from batch_job.engine.decoding import DecodingResult
+from batch_job.segment import with_gaps
 
 ROW_GAP_SECONDS = 1.0
 """Silence between windows of different files in one row: long enough for Whisper to end a
@@ -56,7 +57,7 @@ def plan_rows(lengths: Sequence[int], shareable: Sequence[bool], *, max_rows: in
     for i, n in enumerate(lengths):
         if shareable[i]:
             for r, row in enumerate(rows):
-                if shareable[row[0]] and len(row) < max_parts and used[r] + gap + n <= capacity:
+                if len(row) < max_parts and used[r] + gap + n <= capacity:
                     row.append(i)
                     used[r] += gap + n
                     break
@@ -66,16 +67,13 @@ def plan_rows(lengths: Sequence[int], shareable: Sequence[bool], *, max_rows: in
                     used.append(n)
         elif len(rows) < max_rows:
             rows.append([i])
-            used.append(capacity)
+            used.append(capacity)  # full: nothing joins a window that must stay alone
     return [tuple(r) for r in rows]
 
 
 def join_row(parts: Sequence[np.ndarray], gap: int = ROW_GAP_SAMPLES) -> np.ndarray:
     """One row's audio: ``parts`` (float32 ``[n_i]``) with ``gap`` samples of silence between them."""
-    out = np.zeros(sum(len(p) for p in parts) + gap * (len(parts) - 1), dtype=np.float32)
-    for o, p in zip(part_offsets([len(p) for p in parts], gap), parts):
-        out[o : o + len(p)] = p
-    return out
+    return with_gaps(list(parts), gap)
 
 
 def part_offsets(part_samples: Sequence[int], gap: int = ROW_GAP_SAMPLES) -> list[int]:
@@ -99,13 +97,13 @@ def split_row(result: DecodingResult, part_samples: Sequence[int], *, timestamp_
     """
     tb = timestamp_begin
     segments, open_segment = _segments(result, tb)
-    row_end = part_offsets(part_samples, gap)[-1] + part_samples[-1]
+    offsets = part_offsets(part_samples, gap)
+    row_end = offsets[-1] + part_samples[-1]
     if open_segment is not None and open_segment.text and not segments:
         # One unfinished segment and nothing else: as a window alone, it counts as the whole row.
         open_segment.end = row_end / SAMPLE_RATE
         segments, open_segment = [open_segment], None
     consumed = row_end if open_segment is None else (int(round(segments[-1].end * SAMPLE_RATE)) if segments else 0)
-    offsets = part_offsets(part_samples, gap)
     dealt: list[list[_Seg]] = [[] for _ in part_samples]
     for seg in segments:
         a, b = int(round(seg.start * SAMPLE_RATE)), int(round(seg.end * SAMPLE_RATE))
