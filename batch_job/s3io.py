@@ -84,13 +84,18 @@ def normalize_etag(etag: str | None) -> str:
     return (etag or "").strip().strip('"')
 
 
-def aws_client(service: str = "s3", max_attempts: int = 5):
-    """A boto3 client with botocore's *standard* retry mode (5xx, throttling, timeouts)."""
+def aws_client(service: str = "s3", max_attempts: int = 5, *, max_pool_connections: int | None = None,
+               endpoint_url: str | None = None):
+    """A boto3 client with botocore's *standard* retry mode (5xx, throttling, timeouts).
+
+    ``max_pool_connections``: for a client shared by that many threads (botocore's default is 10).
+    """
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"mode": "standard", "max_attempts": max(1, int(max_attempts))})
-    return boto3.client(service, config=config)
+    pool = {} if max_pool_connections is None else {"max_pool_connections": max_pool_connections}
+    config = Config(retries={"mode": "standard", "max_attempts": max(1, int(max_attempts))}, **pool)
+    return boto3.client(service, config=config, endpoint_url=endpoint_url or None)
 
 
 def error_code(exc: BaseException) -> str:

@@ -19,13 +19,17 @@ def output_key(prefix: str, input_key: str, suffix: str) -> str:
     return f"{prefix}{input_key}{suffix}"
 
 
+MARKER_SUFFIX = ".json"
+ERROR_MARKER_SUFFIX = ".error.json"
+
+
 def marker_key(prefix: str, input_key: str) -> str:
     """The completion marker (the ``.json`` transcript, written last)."""
-    return output_key(prefix, input_key, ".json")
+    return output_key(prefix, input_key, MARKER_SUFFIX)
 
 
 def error_marker_key(prefix: str, input_key: str) -> str:
-    return output_key(prefix, input_key, ".error.json")
+    return output_key(prefix, input_key, ERROR_MARKER_SUFFIX)
 
 
 def same_version(marker: Mapping[str, Any] | None, info: ObjectInfo) -> bool:

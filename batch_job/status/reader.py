@@ -7,19 +7,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
+from batch_job.job.keys import ERROR_MARKER_SUFFIX, MARKER_SUFFIX
+from batch_job.s3io import aws_client
 from batch_job.status.records import MarkerRecord
 
-ERROR_SUFFIX = ".error.json"
-DONE_SUFFIX = ".json"
 DEFAULT_THREADS = 32
 
 
 def s3_client(threads: int, endpoint_url: str | None = None):
-    import boto3
-    from botocore.config import Config
-
-    config = Config(max_pool_connections=threads, retries={"mode": "standard", "max_attempts": 5})
-    return boto3.client("s3", config=config, endpoint_url=endpoint_url or None)
+    """One S3 client for the whole pool: as many connections as threads."""
+    return aws_client("s3", max_pool_connections=threads, endpoint_url=endpoint_url)
 
 
 def list_keys(client, bucket: str, prefix: str, since: datetime | None = None) -> Iterator[str]:
@@ -31,16 +28,16 @@ def list_keys(client, bucket: str, prefix: str, since: datetime | None = None) -
 
 def _record(client, bucket: str, prefix: str, key: str) -> MarkerRecord | None:
     body = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    if key.endswith(ERROR_SUFFIX):
-        return MarkerRecord.failed(key[len(prefix):-len(ERROR_SUFFIX)], body)
-    return MarkerRecord.done(key[len(prefix):-len(DONE_SUFFIX)], body)
+    if key.endswith(ERROR_MARKER_SUFFIX):
+        return MarkerRecord.failed(key[len(prefix):-len(ERROR_MARKER_SUFFIX)], body)
+    return MarkerRecord.done(key[len(prefix):-len(MARKER_SUFFIX)], body)
 
 
 def read_markers(client, bucket: str, prefix: str, *, threads: int = DEFAULT_THREADS,
                  since: datetime | None = None,
                  progress: Callable[[int], None] | None = None) -> list[MarkerRecord]:
     keys = [k for k in list_keys(client, bucket, prefix, since)
-            if k.endswith(DONE_SUFFIX) and "/_manifests/" not in f"/{k[len(prefix):]}"]
+            if k.endswith(MARKER_SUFFIX) and "/_manifests/" not in f"/{k[len(prefix):]}"]
     out: list[MarkerRecord] = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for n, rec in enumerate(pool.map(lambda k: _record(client, bucket, prefix, k), keys), 1):
