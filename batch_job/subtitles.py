@@ -15,6 +15,12 @@ to ``[0, duration]``, made monotonic (a cue never starts before the previous one
 their segment's sanitised interval the same way. Whitespace in text (incl. newlines, which would
 end an SRT cue) is collapsed; segments with no text give no cue. Rendering (SRT/VTT syntax,
 escaping) is :mod:`batch_job.writers`' job.
+
+Cues never mix speakers. A cue's ``speaker`` is its words' speaker (a word without one takes its
+segment's) or, without word times, its segment's; when a segment's words change speaker, a new
+cue starts at every change, whatever room is left in the current one. The label is not part of
+``lines`` and does not count against ``max_line_width``: the writers add it in front of the
+first line (SRT ``[SPEAKER_00] ``) or as markup that takes no room (VTT ``<v SPEAKER_00>``).
 """
 
 from __future__ import annotations
@@ -72,12 +78,15 @@ class Cue:
 
     ``words`` lists the cue's words with their times when the segment had word timestamps
     (their texts, space-joined per ``line``, are exactly ``lines``); empty otherwise.
+    ``speaker`` is the one label of everything in the cue (raw, as the transcript has it), or
+    ``None`` when not diarized.
     """
 
     start_ms: int
     end_ms: int
     lines: tuple[str, ...]
     words: tuple[CueWord, ...] = ()
+    speaker: str | None = None
 
     @property
     def text(self) -> str:
@@ -92,9 +101,10 @@ def cues(transcript: Transcript, options: CueOptions | None = None) -> list[Cue]
     for seg, (start, end) in zip(transcript.segments, cue_times(transcript.segments, transcript.duration)):
         timed = _timed_words(seg, start, end)
         if timed:
-            out.extend(_cues_from_words(timed, opts))
+            for speaker, words in _speaker_runs(timed):
+                out.extend(_cues_from_words(words, opts, speaker))
         else:
-            out.extend(_cues_from_text(seg.text.split(), start, end, opts))
+            out.extend(_cues_from_text(seg.text.split(), start, end, opts, seg.speaker))
     return out
 
 
@@ -152,9 +162,12 @@ def wrap(words: Sequence[str], width: int) -> list[list[str]]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _timed_words(seg: Segment, start: int, end: int) -> list[CueWord]:
-    """The segment's words with text, times clamped into ``[start, end]`` ms, non-overlapping, in order."""
-    out: list[CueWord] = []
+def _timed_words(seg: Segment, start: int, end: int) -> list[tuple[CueWord, str | None]]:
+    """The segment's words with text, times clamped into ``[start, end]`` ms, non-overlapping, in order.
+
+    Each comes with its speaker: the word's own, else the segment's.
+    """
+    out: list[tuple[CueWord, str | None]] = []
     prev_end = start
     for w in seg.words:
         text = " ".join(w.word.split())
@@ -162,12 +175,23 @@ def _timed_words(seg: Segment, start: int, end: int) -> list[CueWord]:
             continue
         w_start = max(min(max(to_ms(w.start), start), end), prev_end)
         w_end = min(max(to_ms(w.end), w_start), end)
-        out.append(CueWord(text, w_start, w_end))
+        out.append((CueWord(text, w_start, w_end), w.speaker if w.speaker is not None else seg.speaker))
         prev_end = w_end
     return out
 
 
-def _cues_from_words(words: list[CueWord], opts: CueOptions) -> list[Cue]:
+def _speaker_runs(timed: list[tuple[CueWord, str | None]]) -> list[tuple[str | None, list[CueWord]]]:
+    """``timed`` cut into runs of consecutive words of one speaker, in order: no cue spans a change."""
+    runs: list[tuple[str | None, list[CueWord]]] = []
+    for word, speaker in timed:
+        if runs and runs[-1][0] == speaker:
+            runs[-1][1].append(word)
+        else:
+            runs.append((speaker, [word]))
+    return runs
+
+
+def _cues_from_words(words: list[CueWord], opts: CueOptions, speaker: str | None = None) -> list[Cue]:
     """Greedy: a word opens a new cue when it would need one line too many or stretch the cue too long."""
     max_ms = int(round(opts.max_cue_seconds * MS_PER_SECOND))
     out: list[Cue] = []
@@ -177,21 +201,21 @@ def _cues_from_words(words: list[CueWord], opts: CueOptions) -> list[Cue]:
         fits = bool(current) and line_len + 1 + len(w.text) <= opts.max_line_width
         line = current[-1].line + (0 if fits else 1) if current else 0
         if current and (line >= opts.max_line_count or w.end_ms - current[0].start_ms > max_ms):
-            out.append(_word_cue(current))
+            out.append(_word_cue(current, speaker))
             current, fits, line = [], False, 0
         current.append(CueWord(w.text, w.start_ms, w.end_ms, line))
         line_len = line_len + 1 + len(w.text) if fits else len(w.text)
     if current:
-        out.append(_word_cue(current))
+        out.append(_word_cue(current, speaker))
     return out
 
 
-def _word_cue(words: list[CueWord]) -> Cue:
+def _word_cue(words: list[CueWord], speaker: str | None) -> Cue:
     lines = [" ".join(w.text for w in words if w.line == n) for n in range(words[-1].line + 1)]
-    return Cue(start_ms=words[0].start_ms, end_ms=words[-1].end_ms, lines=tuple(lines), words=tuple(words))
+    return Cue(start_ms=words[0].start_ms, end_ms=words[-1].end_ms, lines=tuple(lines), words=tuple(words), speaker=speaker)
 
 
-def _cues_from_text(words: list[str], start: int, end: int, opts: CueOptions) -> list[Cue]:
+def _cues_from_text(words: list[str], start: int, end: int, opts: CueOptions, speaker: str | None = None) -> list[Cue]:
     """One cue if the wrapped text fits, else consecutive cues timed in proportion to characters."""
     if not words:
         return []
@@ -204,5 +228,5 @@ def _cues_from_text(words: list[str], start: int, end: int, opts: CueOptions) ->
         a = start + (end - start) * done // total
         done += size
         b = start + (end - start) * done // total
-        out.append(Cue(start_ms=a, end_ms=b, lines=tuple(group)))
+        out.append(Cue(start_ms=a, end_ms=b, lines=tuple(group), speaker=speaker))
     return out
