@@ -11,6 +11,25 @@ requires, so ``-->`` becomes ``--&gt;``). With ``CueOptions(word_level=True)`` a
 word times carries a ``<HH:MM:SS.mmm>`` timestamp tag before each word after the first
 (karaoke-style), kept strictly inside the cue and increasing as the spec requires.
 Hours are written with at least two digits, more when needed (≥ 100 h).
+
+Speaker labels (a diarized transcript; see :mod:`batch_job.result`). Without labels every
+format is exactly what it was before labels existed. With them:
+
+- JSON: ``"speaker"`` on each labelled segment and word, ``"speakers"`` (order of first
+  appearance) on the transcript.
+- TXT: one line per speaker TURN, ``SPEAKER_00: text``: consecutive segments of the same speaker
+  joined with a space. A segment without a label keeps a line of its own with no prefix.
+- SRT: ``[SPEAKER_00] `` before the first line of each cue of that speaker. The prefix does NOT
+  count against ``max_line_width`` (the limit is about the words; the prefix is 13 characters of
+  a known shape, and cutting text earlier to make room would change the cues' timing).
+- VTT: a WebVTT voice span, ``<v SPEAKER_00>`` at the start of the cue text, before any
+  karaoke tags. Its ``</v>`` is left out: the spec allows that when the voice span is the cue
+  text's only component, which it is (the words and timestamp tags are inside it). In the label
+  ``&``, ``<`` and ``>`` are escaped (the spec's annotation excludes ``&`` and ``>``).
+
+Cues never mix speakers (:func:`batch_job.subtitles.cues` breaks at every change). Labels are
+written with their whitespace collapsed (a newline would end a cue or a TXT line); a label that
+is blank after that is treated as no label.
 """
 
 from __future__ import annotations
@@ -102,14 +121,28 @@ def _render_json(transcript: Transcript, extra: Mapping[str, Any] | None) -> str
 
 
 def _render_txt(transcript: Transcript) -> str:
-    lines = [t for t in (_one_line(s.text) for s in transcript.segments) if t]
+    """One line per segment; with labels, one ``LABEL: text`` line per speaker turn."""
+    turns: list[tuple[str | None, list[str]]] = []
+    for seg in transcript.segments:
+        text, speaker = _one_line(seg.text), _label(seg.speaker)
+        if not text:
+            continue
+        if speaker is not None and turns and turns[-1][0] == speaker:
+            turns[-1][1].append(text)
+        else:
+            turns.append((speaker, [text]))
+    lines = [" ".join(texts) if speaker is None else f"{speaker}: {' '.join(texts)}" for speaker, texts in turns]
     return "".join(line + "\n" for line in lines)
 
 
 def _render_srt(cue_list: list[Cue]) -> str:
     blocks = []
     for number, cue in enumerate(cue_list, start=1):
-        text = "\n".join(line.replace("-->", "->") for line in cue.lines)
+        speaker = _label(cue.speaker)
+        lines = list(cue.lines)
+        if speaker is not None:
+            lines[0] = f"[{speaker}] {lines[0]}"
+        text = "\n".join(line.replace("-->", "->") for line in lines)
         blocks.append(f"{number}\n{format_ms(cue.start_ms, ',')} --> {format_ms(cue.end_ms, ',')}\n{text}\n")
     return "\n".join(blocks)
 
@@ -118,6 +151,9 @@ def _render_vtt(cue_list: list[Cue], *, word_level: bool) -> str:
     blocks = ["WEBVTT\n"]
     for cue in cue_list:
         text = _vtt_word_text(cue) if word_level and cue.words else "\n".join(_vtt_escape(line) for line in cue.lines)
+        speaker = _label(cue.speaker)
+        if speaker is not None:
+            text = f"<v {_vtt_escape(speaker)}>{text}"
         blocks.append(f"{format_ms(cue.start_ms, '.')} --> {format_ms(cue.end_ms, '.')}\n{text}\n")
     return "\n".join(blocks)
 
@@ -148,6 +184,12 @@ def _vtt_escape(text: str) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _label(speaker: str | None) -> str | None:
+    """A speaker label as written: whitespace collapsed; ``None`` when unset or blank."""
+    label = _one_line(speaker) if speaker is not None else ""
+    return label or None
 
 
 def _finite(value: Any) -> Any:
