@@ -139,21 +139,24 @@ class SpeakerEncoder:
         return cls(module, filters, torch_device)
 
     def mel(self, audio: np.ndarray) -> torch.Tensor:
-        """Mel power spectrogram ``[T, 40]`` float32 of ``audio`` (16 kHz mono), ``T = len // 160 + 1``."""
+        """Mel power spectrogram ``[..., T, 40]`` float32 of ``audio`` ``[..., samples]`` (16 kHz mono),
+        ``T = samples // 160 + 1``."""
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).to(self.device)
         window = torch.hann_window(MEL_N_FFT, device=self.device)
         spec = torch.stft(x, MEL_N_FFT, MEL_HOP, window=window, center=True, pad_mode="constant", return_complex=True)
-        power = spec.real.square() + spec.imag.square()  # [201, T]
-        return (self.filters @ power).T.contiguous()
+        power = spec.real.square() + spec.imag.square()  # [..., 201, T]
+        return (self.filters @ power).transpose(-1, -2).contiguous()
 
-    def embed(self, mels: torch.Tensor, *, batch: int = 256) -> np.ndarray:
-        """Embeddings ``[N, 256]`` float32 of partial utterances ``mels [N, 160, 40]``, ``batch`` at a time."""
+    def embed(self, partials: np.ndarray, *, batch: int = 256) -> np.ndarray:
+        """Embeddings ``[N, 256]`` float32 (unit length) of ``partials`` ``[N, 25600]``: 1.6 s of 16 kHz
+        audio each, ``batch`` at a time through the mel front end and the LSTM."""
         import torch
 
         out = []
         with torch.inference_mode():
-            for i in range(0, mels.shape[0], batch):
-                out.append(self.module(mels[i : i + batch].to(self.device)).float().cpu().numpy())
+            for i in range(0, partials.shape[0], batch):
+                mels = self.mel(partials[i : i + batch])[:, :PARTIAL_FRAMES]
+                out.append(self.module(mels).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, EMBEDDING), np.float32)

@@ -1,0 +1,108 @@
+"""Voice embeddings -> speakers: seeds of continuous speech, clustered by average linkage.
+
+The embedding of one 1.6 s partial is noisy: two partials of one person are often as far apart
+(cosine) as partials of two people. The mean over a few seconds of continuous speech (a *seed*,
+:mod:`~batch_job.speakers.partials`) is much steadier, so seeds are what gets clustered:
+
+1. the centre of each seed (mean of its partials, unit length);
+2. the average-linkage dendrogram of the seed centres on cosine distance
+   (:func:`scipy.cluster.hierarchy.linkage`), cut into ``--speakers N`` clusters, or for ``auto``
+   at :data:`AUTO_DISTANCE` with the count kept within ``[min_speakers, max_speakers]``;
+3. ``auto``: a cluster holding less than :data:`MIN_SHARE` of the partials is noise (a laugh, a
+   word on a turn boundary) and is folded into its nearest neighbour, down to ``min_speakers``;
+4. refine: every partial goes to its nearest centre and the centres are recomputed, twice
+   (k-means steps that undo the linkage's greedy merges).
+
+:data:`AUTO_DISTANCE` was tuned on conversations of real voices (docs/benchmarks.md, speaker
+labels): every one of them gets its right speaker count for cuts from 0.25 to 0.40; the value
+is the middle of that range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+
+from batch_job.speakers.options import SpeakerOptions
+
+AUTO_DISTANCE = 0.32
+"""``auto``: clusters whose seeds are farther apart than this (average cosine distance) are different people."""
+MIN_SHARE = 0.05
+"""``auto``: a cluster with fewer partials than this share of all of them is folded into its neighbour."""
+REFINE_ROUNDS = 2
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """``labels [N]`` (0..k-1, in order of first appearance) of N partials, ``centres [k, D]`` (unit length)."""
+
+    labels: np.ndarray
+    centres: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.centres.shape[0])
+
+
+def cluster(embeddings: np.ndarray, seeds: np.ndarray, options: SpeakerOptions) -> Clusters:
+    """Speakers of ``embeddings [N, D]`` (unit length) whose ``seeds [N]`` say which belong together,
+    as ``options`` ask: exactly ``count`` speakers, or an estimate within the bounds."""
+    if embeddings.shape[0] == 0:
+        return Clusters(np.zeros(0, int), np.zeros((0, embeddings.shape[1]), np.float32))
+    seed_of = np.unique(seeds, return_inverse=True)[1]
+    seed_centres = _centres(embeddings, seed_of)
+    centres = _centres(embeddings, _cut(seed_centres, options)[seed_of])
+    if options.count is None:
+        centres = _fold_small(embeddings, centres, options.min_speakers)
+    for _ in range(REFINE_ROUNDS):
+        labels = _nearest(embeddings, centres)
+        centres = _centres(embeddings, np.unique(labels, return_inverse=True)[1])
+    return _by_first_appearance(_nearest(embeddings, centres), centres)
+
+
+def _cut(points: np.ndarray, options: SpeakerOptions) -> np.ndarray:
+    """Cluster (0-based, consecutive) of each seed centre in ``points [S, D]``."""
+    if len(points) == 1:
+        return np.zeros(1, int)
+    tree = linkage(points, method="average", metric="cosine")
+    if options.count is not None:
+        labels = fcluster(tree, t=min(options.count, len(points)), criterion="maxclust")
+    else:
+        labels = fcluster(tree, t=AUTO_DISTANCE, criterion="distance")
+        found = len(np.unique(labels))
+        if not options.min_speakers <= found <= options.max_speakers:
+            bound = min(max(found, options.min_speakers), options.max_speakers)
+            labels = fcluster(tree, t=min(bound, len(points)), criterion="maxclust")
+    return np.unique(labels, return_inverse=True)[1]
+
+
+def _fold_small(points: np.ndarray, centres: np.ndarray, min_speakers: int) -> np.ndarray:
+    """``centres`` without the clusters too small to be a speaker (smallest first), down to ``min_speakers``."""
+    while centres.shape[0] > max(1, min_speakers):
+        counts = np.bincount(_nearest(points, centres), minlength=centres.shape[0])
+        smallest = int(np.argmin(counts))
+        if counts[smallest] >= MIN_SHARE * len(points):
+            break
+        centres = np.delete(centres, smallest, axis=0)
+    return centres
+
+
+def _centres(points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Unit-length mean ``[k, D]`` of the points of each cluster ``0..labels.max()``."""
+    sums = np.zeros((int(labels.max()) + 1, points.shape[1]), np.float64)
+    np.add.at(sums, labels, points)
+    return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _nearest(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    return np.argmax(points @ centres.T, axis=1)
+
+
+def _by_first_appearance(labels: np.ndarray, centres: np.ndarray) -> Clusters:
+    """Clusters renumbered in order of first appearance; a centre no partial is nearest to is dropped."""
+    order = list(dict.fromkeys(int(x) for x in labels))
+    remap = np.zeros(centres.shape[0], int)
+    remap[order] = np.arange(len(order))
+    return Clusters(remap[labels], centres[order])
