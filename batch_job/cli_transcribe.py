@@ -10,6 +10,8 @@ from pathlib import Path
 
 from batch_job.errors import WhisperBatchError
 from batch_job.settings import Settings
+from batch_job.speakers.options import SpeakerOptions, settings_from_arguments
+from batch_job.speakers.options import add_arguments as add_speaker_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     words.add_argument("--max-cue-seconds", type=float, help="SRT/VTT: longest cue where word times allow (default: 7)")
     words.add_argument("--word-level-vtt", action="store_true", default=None,
                        help="VTT: a timestamp tag before each word (implies --word-timestamps)")
+    add_speaker_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, formats=args.formats, batch_size=args.batch_size, device=args.device, threads=args.threads,
         word_timestamps=args.word_timestamps or args.word_level_vtt, max_line_width=args.max_line_width,
         max_line_count=args.max_line_count, max_cue_seconds=args.max_cue_seconds, vtt_word_level=args.word_level_vtt,
+        **settings_from_arguments(args),
     )
     formats = settings.format_list
     unknown = [f for f in formats if f not in FORMATS]
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         cue_options = CueOptions.from_settings(settings)
-    except ValueError as exc:
+        SpeakerOptions.from_settings(settings)
+    except (ValueError, WhisperBatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out_dir = Path(args.output_dir)

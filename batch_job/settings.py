@@ -143,6 +143,11 @@ class Settings:
     neuron_monitor_period: float = 1.0
     """Seconds between neuron-monitor reports while a job runs."""
 
+    def __post_init__(self) -> None:
+        # Speaker labels are given per word: diarization needs word timestamps, so it turns them on.
+        if self.diarize and not self.word_timestamps:
+            object.__setattr__(self, "word_timestamps", True)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``WHISPER_BATCH_*`` variables, then apply keyword overrides.

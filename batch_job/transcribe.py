@@ -41,6 +41,7 @@ from batch_job.stream import FileState, Piece, TranscriptionStream, WindowTask
 
 if TYPE_CHECKING:  # pragma: no cover
     from batch_job.engine.runner import Engine
+    from batch_job.speakers.diarize import Diarizer
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +71,32 @@ class Transcriber:
     """A loaded model ready to transcribe; load once, call many times."""
 
     def __init__(self, engine: Engine, settings: Settings, guards: Guards | None = None, *,
-                 load_seconds: float = 0.0) -> None:
+                 load_seconds: float = 0.0, diarizer: Diarizer | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.guards = guards or Guards()
         self.model_name = engine.model_name
         self.load_seconds = load_seconds
-        """Wall-clock seconds the engine took to load (0 when built by the caller)."""
+        """Wall-clock seconds the engine (and the voice encoder) took to load (0 when built by the caller)."""
+        self.diarizer = diarizer
+        """Labels speakers of each finished transcript (``None``: no labels, nothing loaded)."""
 
     @classmethod
     def load(cls, settings: Settings) -> Transcriber:
-        """Load the model named by ``settings.model`` on ``settings.device`` (compiled graphs too)."""
+        """Load the model named by ``settings.model`` on ``settings.device`` (compiled graphs too), and the
+        voice encoder when ``settings.diarize`` (ConfigError for bad speaker counts, before the model)."""
         from batch_job.engine.loading import load_engine
+        from batch_job.speakers.options import SpeakerOptions
 
+        SpeakerOptions.from_settings(settings)
         t0 = time.perf_counter()
         engine = load_engine(settings)
-        return cls(engine, settings, load_seconds=time.perf_counter() - t0)
+        diarizer = None
+        if settings.diarize:
+            from batch_job.speakers.diarize import Diarizer
+
+            diarizer = Diarizer.from_settings(settings, device=engine.device)
+        return cls(engine, settings, load_seconds=time.perf_counter() - t0, diarizer=diarizer)
 
     # ------------------------------------------------------------------ public API
     def transcribe(
@@ -344,6 +355,10 @@ class Transcriber:
             task=options.task,
             timings={k: round(v, 4) for k, v in state.timings.items()},
         )
+        if self.diarizer is not None:
+            t0 = time.perf_counter()
+            transcript = self.diarizer.label(transcript, state.audio)
+            transcript = replace(transcript, timings={**transcript.timings, "diarize": round(time.perf_counter() - t0, 4)})
         return FileResult(state.name, transcript, None)
 
 

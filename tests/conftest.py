@@ -87,3 +87,14 @@ def tiny_model(tiny_settings):
     from batch_job.engine.models import load_model
 
     return load_model(tiny_settings.model, cache_dir=tiny_settings.cache_dir).model
+
+
+@pytest.fixture(scope="session")
+def tiny_speakers_transcriber(tiny_words_transcriber):
+    """tiny.en with word timestamps and speaker labels (``--diarize``, ``--speakers auto``): the same
+    engine as :func:`tiny_words_transcriber`, plus the voice encoder."""
+    from batch_job.speakers.diarize import Diarizer
+    from batch_job.transcribe import Transcriber
+
+    settings = tiny_words_transcriber.settings.replace(diarize=True)
+    return Transcriber(tiny_words_transcriber.engine, settings, diarizer=Diarizer.from_settings(settings))

@@ -41,6 +41,7 @@ from batch_job.job.signals import Interrupts, signal_handlers
 from batch_job.neuron_monitor import NeuronMonitorSampler
 from batch_job.result import FileResult
 from batch_job.settings import Settings
+from batch_job.speakers.options import SpeakerOptions
 from batch_job.subtitles import CueOptions
 from batch_job.writers import FORMATS
 
@@ -135,6 +136,7 @@ def _plan(settings: Settings, entries: Sequence[tuple[str, str | None]],
         CueOptions.from_settings(settings)
     except ValueError as exc:
         raise ConfigError(f"subtitle settings: {exc}") from None
+    SpeakerOptions.from_settings(settings)  # bad speaker counts: ConfigError before anything loads
     if not entries:
         raise ConfigError("the job names no input")
     targets = []

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from batch_job.errors import ConfigError
 from batch_job.local import (
     ACCESS_KEY_ID,
     DEFAULT_BUCKET,
@@ -36,6 +37,8 @@ from batch_job.local import (
 )
 from batch_job.local.progress import Progress
 from batch_job.settings import usable_cores
+from batch_job.speakers.options import SpeakerOptions, settings_from_arguments
+from batch_job.speakers.options import add_arguments as add_speaker_arguments
 
 #: Submitter environment as the stack sets it (cloudformation/template.yaml defaults).
 LONG_JOB_MIN_BYTES = 209_715_200
@@ -369,7 +372,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pack-max-objects", type=int, default=None, metavar="N",
                    help="files per job at most (default: the stack's PackMaxObjects); 1 = one job per file")
     p.add_argument("--once", nargs="+", metavar="FILE", help="upload FILEs, wait for their transcripts, print them, exit")
+    add_speaker_arguments(p)
     p.set_defaults(func=_command)
+
+
+def _speaker_env(args: argparse.Namespace) -> dict[str, str]:
+    """``WHISPER_BATCH_*`` variables for the speaker flags given (validated: ConfigError on bad counts)."""
+    from batch_job.settings import ENV_PREFIX, Settings
+
+    given = {k: v for k, v in settings_from_arguments(args).items() if v is not None}
+    SpeakerOptions.from_settings(Settings.from_env().replace(**given))
+    return {ENV_PREFIX + k.upper(): str(v).lower() if isinstance(v, bool) else str(v) for k, v in given.items()}
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -377,6 +390,11 @@ def _command(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"whisper-batch local: {flag} must be at least 1", file=sys.stderr)
             return 2
+    try:
+        os.environ.update(_speaker_env(args))  # the jobs' settings travel in their environment, as on Batch
+    except (ConfigError, ValueError) as exc:
+        print(f"whisper-batch local: {exc}", file=sys.stderr)
+        return 2
     files: list[Path] = []
     for name in args.once or []:
         path = Path(name).expanduser()

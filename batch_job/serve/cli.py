@@ -18,6 +18,8 @@ import sys
 from batch_job import exit_codes
 from batch_job.errors import ConfigError
 from batch_job.settings import Settings, serve_port
+from batch_job.speakers.options import SpeakerOptions, settings_from_arguments
+from batch_job.speakers.options import add_arguments as add_speaker_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float,
                    help="an idle engine waits this long for more requests to share a batch (default: 10)")
     p.add_argument("--max-body-mb", type=float, help="largest request body in MB (default: 100)")
+    add_speaker_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         settings = Settings.from_env().replace(
             model=args.model, device=args.device, batch_size=args.batch_size, threads=args.threads,
             word_timestamps=args.word_timestamps, serve_max_queue=args.max_queue,
-            serve_batch_wait_ms=args.batch_wait_ms, serve_max_body_mb=args.max_body_mb)
+            serve_batch_wait_ms=args.batch_wait_ms, serve_max_body_mb=args.max_body_mb, **settings_from_arguments(args))
         check(settings)
         port = args.port if args.port is not None else serve_port()
     except (ConfigError, ValueError) as exc:
@@ -94,3 +97,4 @@ def check(settings: Settings) -> None:
         raise ConfigError("--batch-wait-ms (WHISPER_BATCH_SERVE_BATCH_WAIT_MS) must not be negative")
     if settings.serve_max_body_mb <= 0:
         raise ConfigError("--max-body-mb (WHISPER_BATCH_SERVE_MAX_BODY_MB) must be positive")
+    SpeakerOptions.from_settings(settings)

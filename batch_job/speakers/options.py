@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from typing import Any
 
 from batch_job.errors import ConfigError
 from batch_job.settings import Settings
@@ -52,3 +54,21 @@ class SpeakerOptions:
         if min_speakers > max_speakers:
             raise ConfigError(f"min_speakers ({min_speakers}) is greater than max_speakers ({max_speakers})")
         return cls(count=count, min_speakers=min_speakers, max_speakers=max_speakers)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The speaker-label flags, the same on ``transcribe``, ``serve`` and ``local``."""
+    group = parser.add_argument_group("speaker labels")
+    group.add_argument("--diarize", action="store_true", default=None,
+                       help="label who speaks (JSON speaker fields, TXT turns, SRT labels, VTT voice tags; "
+                            "turns on word timestamps)")
+    group.add_argument("--speakers", metavar="N|auto", help="speaker count, or auto (default); implies --diarize")
+    group.add_argument("--min-speakers", type=int, metavar="N", help="fewest speakers auto may find (default: 1)")
+    group.add_argument("--max-speakers", type=int, metavar="N", help="most speakers auto may find (default: 8)")
+
+
+def settings_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`Settings` fields the flags of :func:`add_arguments` set (``None``: not given)."""
+    counts = {"speakers": args.speakers, "min_speakers": args.min_speakers, "max_speakers": args.max_speakers}
+    given = any(v is not None for v in counts.values())
+    return {"diarize": True if (args.diarize or given) else None, **counts}
