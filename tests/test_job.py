@@ -224,6 +224,35 @@ def test_impossible_cue_settings_are_a_config_error(aws, settings):
     assert out_keys(aws) == []
 
 
+def test_diarize_setting_labels_speakers_in_every_output(aws, settings, tiny_speakers_transcriber):
+    """WHISPER_BATCH_DIARIZE (the stack's SpeakerLabels): a two-voice conversation gets two labels in
+    the marker JSON, speaker turns in TXT, labelled SRT cues and VTT voice tags."""
+    import soundfile as sf
+    from conversations import alternating
+
+    conv = alternating("2 speakers", ["spk1", "spk2"], 4)
+    body = io.BytesIO()
+    sf.write(body, conv.audio, 16000, format="WAV")
+    upload(aws, "calls/two.wav", body.getvalue())
+    factory = CountingFactory(tiny_speakers_transcriber)
+    result, rec = run(aws, "calls/two.wav", settings.replace(diarize=True), transcriber_factory=factory)
+    assert result.exit_code == exit_codes.OK, rec.stages()
+    marker = get_json(aws, PREFIX + "calls/two.wav.json")
+    assert marker["speakers"] == ["SPEAKER_00", "SPEAKER_01"]
+    assert all(w["speaker"] == s["speaker"] for s in marker["segments"] for w in s["words"])
+    text = {fmt: aws.get_object(Bucket=OUT, Key=PREFIX + f"calls/two.wav.{fmt}")["Body"].read().decode()
+            for fmt in ("txt", "srt", "vtt")}
+    assert [line.split(":")[0] for line in text["txt"].splitlines()] == ["SPEAKER_00", "SPEAKER_01"] * 2
+    assert "[SPEAKER_01] " in text["srt"] and "<v SPEAKER_01>" in text["vtt"]
+
+
+def test_bad_speaker_count_is_a_config_error_before_the_model(aws, settings):
+    upload(aws, "spk/jfk.flac", shared_clip("jfk.flac"))
+    result, _ = run(aws, "spk/jfk.flac", settings.replace(diarize=True, speakers="0"), transcriber_factory=no_model)
+    assert result.exit_code == exit_codes.CONFIG_ERROR
+    assert out_keys(aws) == []
+
+
 @pytest.mark.parametrize("key", [
     "folder with spaces/my recording 1.flac",
     "ünïcødé/日本語 クリップ.flac",

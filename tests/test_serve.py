@@ -288,3 +288,32 @@ def test_a_model_that_cannot_load_stops_the_server_with_the_config_exit_code(mod
         assert any(entry["stage"] == "model_failed" for entry in srv.log_lines())
     finally:
         srv.stop()
+
+
+def test_a_diarizing_server_labels_speakers_in_json_and_vtt(model_cache_dir):
+    """`serve --diarize`: the same labels as the batch job, in every response format; a request that turns
+    word timestamps off still gets labelled segments."""
+    from conversations import alternating, score
+
+    from batch_job.result import Segment, Transcript, Word
+
+    conv = alternating("2 speakers", ["spk1", "spk2"], 4)
+    srv = Server(model_cache_dir, "--model", "tiny.en", "--diarize")
+    try:
+        srv.wait_ready()
+        status, _, body = srv.invoke(_encode(conv.audio, 16000, "WAV"), content_type="audio/wav")
+        assert status == 200, body
+        doc = json.loads(body)
+        assert doc["speakers"] == ["SPEAKER_00", "SPEAKER_01"]
+        transcript = Transcript(doc["text"], "en", doc["duration"], tuple(
+            Segment(s["start"], s["end"], s["text"], tuple(Word(**w) for w in s["words"]), s["speaker"])
+            for s in doc["segments"]), "tiny.en")
+        assert score(conv, transcript).attributed_speech >= 0.9
+        status, _, vtt = srv.invoke(_encode(conv.audio, 16000, "WAV"), content_type="audio/wav", Accept="text/vtt")
+        assert status == 200 and b"<v SPEAKER_01>" in vtt
+        status, _, body = srv.invoke(_encode(conv.audio, 16000, "WAV"), content_type="audio/wav",
+                                     path="/invocations?word_timestamps=false")
+        segments = json.loads(body)["segments"]
+        assert status == 200 and all("words" not in s and s["speaker"].startswith("SPEAKER_") for s in segments)
+    finally:
+        assert srv.stop() == 0
