@@ -43,6 +43,7 @@ STAR_RESOURCE_ALLOWED = {
     "xray:puttracesegments",
     "xray:puttelemetryrecords",
     "ecr:getauthorizationtoken",
+    "batch:listjobs",
 }
 DATA_SERVICES = ("s3:", "dynamodb:", "sqs:")
 
@@ -247,6 +248,80 @@ def test_submitter_role_has_only_what_it_needs(resources):
         assert any(r.endswith("job-definition/" + name + ":*") for r in submit), name
 
 
+def _resource_texts(statement: dict) -> list[str]:
+    return [sub_text(r) for r in as_list(statement["Resource"])]
+
+
+def test_build_role_touches_only_its_repository_source_prefix_and_log_group(resources):
+    """The CodeBuild role: push to the stack's repository, read build-source/<stack>/*, write its log
+    group; "*" only on ecr:GetAuthorizationToken, which has no resource types."""
+    statements = _role_statements(resources, "BuildRole")
+    by_resource: dict[str, set[str]] = {}
+    for st in statements:
+        assert st["Effect"] == "Allow" and "Condition" not in st, st
+        for r in as_list(st["Resource"]):
+            key = json.dumps(r, sort_keys=True) if not isinstance(r, str) else r
+            by_resource.setdefault(key, set()).update(actions_of(st))
+    repo = json.dumps({"Fn::GetAtt": ["Repository", "Arn"]}, sort_keys=True)
+    source = json.dumps({"Fn::Sub": "arn:${AWS::Partition}:s3:::${LambdaCodeBucket}/build-source/${AWS::StackName}/*"},
+                        sort_keys=True)
+    logs = json.dumps({"Fn::Sub": "arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:"
+                                  "${BuildLogGroup}:log-stream:*"}, sort_keys=True)
+    assert by_resource == {
+        "*": {"ecr:getauthorizationtoken"},
+        repo: {"ecr:batchchecklayeravailability", "ecr:initiatelayerupload", "ecr:uploadlayerpart",
+               "ecr:completelayerupload", "ecr:putimage"},
+        source: {"s3:getobject", "s3:getobjectversion"},
+        logs: {"logs:createlogstream", "logs:putlogevents"},
+    }, by_resource
+    trust = props(resources["BuildRole"])["AssumeRolePolicyDocument"]["Statement"]
+    assert [s["Principal"] for s in trust] == [{"Service": "codebuild.amazonaws.com"}]
+    source_arn = sub_text(trust[0]["Condition"]["ArnEquals"]["aws:SourceArn"])
+    assert source_arn.endswith(":project/" + props(resources["ImageBuildProject"])["Name"]["Fn::Sub"])
+
+
+def test_image_build_project(tpl, resources):
+    """x86-64 Linux, privileged (docker build), a compute type from the parameter, the stack's log group,
+    the source prefix the role may read, and the buildspec in the repository."""
+    p = props(resources["ImageBuildProject"])
+    env = p["Environment"]
+    assert env["Type"] == "LINUX_CONTAINER" and env["PrivilegedMode"] is True
+    assert "x86_64" in env["Image"] or "standard" in env["Image"]
+    assert env["ComputeType"] == {"Ref": "BuildComputeType"}
+    compute = tpl["Parameters"]["BuildComputeType"]
+    assert compute["Default"] in compute["AllowedValues"]
+    assert set(compute["AllowedValues"]) <= {"BUILD_GENERAL1_LARGE", "BUILD_GENERAL1_XLARGE", "BUILD_GENERAL1_2XLARGE"}
+    assert compute["Default"] != "BUILD_GENERAL1_LARGE"  # 16 GiB cannot compile large-v3/turbo
+    variables = {v["Name"]: v["Value"] for v in env["EnvironmentVariables"]}
+    assert variables["REPOSITORY_URI"] == {"Fn::GetAtt": ["Repository", "RepositoryUri"]}
+    assert {"IMAGE_TAG", "MODEL", "BATCH_SIZE", "MAX_TOKENS", "WORD_TIMESTAMPS"} <= set(variables)
+    assert p["ServiceRole"] == {"Fn::GetAtt": ["BuildRole", "Arn"]}
+    assert p["Source"]["Type"] == "S3" and p["Source"]["BuildSpec"] == "cloudformation/buildspec.yml"
+    assert (REPO / p["Source"]["BuildSpec"]).is_file()
+    assert sub_text(p["Source"]["Location"]).startswith("${LambdaCodeBucket}/build-source/${AWS::StackName}/")
+    assert p["Artifacts"] == {"Type": "NO_ARTIFACTS"}
+    cw = p["LogsConfig"]["CloudWatchLogs"]
+    assert cw["Status"] == "ENABLED" and cw["GroupName"] == {"Ref": "BuildLogGroup"}
+    group = props(resources["BuildLogGroup"])
+    assert group["RetentionInDays"] == {"Ref": "LogRetentionDays"} and "KmsKeyId" in group
+    assert p["TimeoutInMinutes"] == {"Ref": "BuildTimeoutMinutes"}
+    outputs = tpl["Outputs"]
+    assert outputs["ImageBuildProjectName"]["Value"] == {"Ref": "ImageBuildProject"}
+
+
+def test_queue_metrics_role_lists_jobs_and_publishes_one_namespace(resources):
+    statements = _role_statements(resources, "QueueMetricsRole")
+    actions = {a for st in statements for a in actions_of(st)}
+    assert actions == {"batch:listjobs", "cloudwatch:putmetricdata", "kms:decrypt", "logs:createlogstream",
+                       "logs:putlogevents", "xray:puttracesegments", "xray:puttelemetryrecords"}, actions
+    by_action = {a: st for st in statements for a in actions_of(st)}
+    assert by_action["kms:decrypt"]["Resource"] == {"Fn::GetAtt": ["StackKey", "Arn"]}
+    assert _resource_texts(by_action["logs:putlogevents"]) == [
+        "arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:${QueueMetricsLogGroup}:log-stream:*"]
+    assert by_action["cloudwatch:putmetricdata"]["Condition"]["StringEquals"]["cloudwatch:namespace"] == {
+        "Ref": "MetricsNamespace"}
+
+
 # ---------------------------------------------------------------------------- storage
 def test_buckets_encrypted_private_tls_only_versioned(resources):
     buckets = of_type(resources, "AWS::S3::Bucket")
@@ -396,6 +471,10 @@ def test_idempotency_table(resources):
 
 
 # ---------------------------------------------------------------------------- Lambda
+#: A literal environment read in Python source: environ["X"], environ.get("X"), getenv("X").
+ENV_READ = re.compile(r"""(?:environ(?:\.get)?\s*[\[(]|getenv\s*\()\s*['"]([A-Z][A-Z0-9_]*)['"]""")
+
+
 def submitter_env_vars() -> set[str]:
     """Env vars the submitter needs: the required ones of ``submitter.settings`` (when present),
     literal os.environ/getenv reads in submitter/*.py, and the contract in docs/architecture.md."""
@@ -409,8 +488,10 @@ def submitter_env_vars() -> set[str]:
         var, *_, required = entry
         if required:
             names.add(var)
-    pattern = re.compile(r"""(?:environ(?:\.get)?\s*[\[(]|getenv\s*\()\s*['"]([A-Z][A-Z0-9_]*)['"]""")
+    pattern = ENV_READ
     for path in (REPO / "submitter").rglob("*.py"):
+        if path.name == "queue_metrics.py":
+            continue  # a function of its own (QueueMetricsFunction; tests/test_queue_metrics.py checks its env)
         names |= set(pattern.findall(path.read_text(encoding="utf-8")))
     section = ARCH_DOC.read_text(encoding="utf-8").split("### Submitter environment", 1)[1]
     section = section.split("\n#", 1)[0]
@@ -531,6 +612,23 @@ def test_word_timestamps_parameter_reaches_every_job(tpl, resources):
         assert Settings.from_env({"WHISPER_BATCH_WORD_TIMESTAMPS": value}).word_timestamps is expected
     groups = tpl["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
     assert any("WordTimestamps" in g["Parameters"] for g in groups)
+
+
+def test_speaker_labels_parameter_reaches_every_job(tpl, resources):
+    """SpeakerLabels is the worker's WHISPER_BATCH_DIARIZE (a bool in Settings, which also turns word
+    timestamps on: speaker labels are per word)."""
+    from batch_job.settings import Settings
+
+    param = tpl["Parameters"]["SpeakerLabels"]
+    assert param["Default"] == "false" and param["AllowedValues"] == ["true", "false"]
+    for name, jd in job_definitions(resources).items():
+        env = {e["Name"]: e["Value"] for e in props(jd)["ContainerProperties"]["Environment"]}
+        assert env["WHISPER_BATCH_DIARIZE"] == {"Ref": "SpeakerLabels"}, name
+    on = Settings.from_env({"WHISPER_BATCH_DIARIZE": "true", "WHISPER_BATCH_WORD_TIMESTAMPS": "false"})
+    assert on.diarize is True and on.word_timestamps is True
+    assert Settings.from_env({"WHISPER_BATCH_DIARIZE": "false"}).diarize is False
+    groups = tpl["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+    assert any("SpeakerLabels" in g["Parameters"] for g in groups)
 
 
 def test_two_jobs_fit_on_one_inf2_xlarge(resources):
@@ -670,8 +768,10 @@ def test_outputs(tpl):
     outputs = tpl["Outputs"]
     assert sub_text(outputs["InputLocation"]["Value"]) == "s3://${DataBucket}/${InputPrefix}"
     assert sub_text(outputs["OutputLocation"]["Value"]) == "s3://${DataBucket}/${OutputPrefix}"
-    for key in ("JobQueueArn", "DashboardUrl", "EcrRepositoryUri"):
+    for key in ("JobQueueArn", "DashboardUrl", "EcrRepositoryUri", "ImageBuildProjectName"):
         assert key in outputs
+    url = sub_text(outputs["DashboardUrl"]["Value"])
+    assert "#dashboards:name=${Dashboard}" in url and "region=${AWS::Region}" in url
 
 
 # ---------------------------------------------------------------------------- linters
