@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # buildArch.sh - build the whisper-batch worker image, package the submitter Lambda and deploy
 # cloudformation/template.yaml, then print where to drop audio. See docs/deploy.md.
+# The image is built with the local Docker engine, or in the cloud by the stack's CodeBuild project
+# (--remote-build; the default when no Docker engine is reachable).
 # With --endpoint MODE: build + push the serving image to the (existing) stack's ECR repository and
 # deploy cloudformation/endpoint.yaml as a SageMaker endpoint instead. See docs/endpoints.md.
 set -euo pipefail
@@ -24,6 +26,13 @@ SECURITY_GROUPS=""
 IMAGE_TAG=""
 ALARM_EMAIL=""
 WORD_TIMESTAMPS=""
+SPEAKER_LABELS=""
+# The Dockerfile's WORD_TIMESTAMPS build arg, passed explicitly on both build paths: graphs with the
+# alignment output, which word timestamps and speaker labels (per word) need at run time.
+WORD_TIMESTAMPS_BUILD=1
+BUILD_MODE=""        # local | remote; "" = local when a Docker engine is reachable, else remote
+BUILD_MODE_WHY=""
+POLL_SECONDS=${WHISPER_BATCH_BUILD_POLL_SECONDS:-15}
 USE_SPOT=""
 DRY_RUN=0
 EXTRA_PARAMS=()
@@ -37,7 +46,9 @@ Usage: ./buildArch.sh [options]
 
 Builds the worker image (batch_job/Dockerfile, which compiles the Neuron graphs), pushes it to the
 stack's ECR repository, packages and uploads the submitter Lambda, deploys
-cloudformation/template.yaml with `aws cloudformation deploy`, and prints where to drop audio.
+cloudformation/template.yaml with `aws cloudformation deploy`, and prints where to drop audio and
+the dashboard URL. The image is built by the local Docker engine or, with --remote-build (the
+default when no Docker engine is reachable), by the stack's CodeBuild project in the cloud.
 
 Options:
   --stack-name NAME        CloudFormation stack name (default: whisper-batch)
@@ -55,6 +66,13 @@ Options:
   --spot                   run the compute environment on Spot
   --word-timestamps        time every word (stack parameter WordTimestamps=true; the image's graphs
                            always carry the alignment output, so no rebuild is needed to switch)
+  --speaker-labels         label who speaks (stack parameter SpeakerLabels=true, WHISPER_BATCH_DIARIZE);
+                           per-word labels: the image is built with WORD_TIMESTAMPS=1
+  --remote-build           build the image in the cloud: upload the source (git archive HEAD, or the
+                           tree with a manifest) to the artifacts bucket, run the stack's CodeBuild
+                           project (x86-64, sized for neuronx-cc), follow its phases, then deploy.
+                           The default when no Docker engine is reachable.
+  --local-build            build with the local Docker engine, and fail if none is reachable
   --parameter KEY=VALUE    extra template parameter override (repeatable; with --endpoint, of endpoint.yaml)
   --dry-run                print every aws/docker command instead of running it
   -h, --help               show this help
@@ -69,8 +87,9 @@ SageMaker endpoint (docs/endpoints.md), instead of the Batch deploy:
   --instance-type TYPE     async/realtime instance type (default: the template's, ml.inf2.xlarge)
   --image-uri URI          serve this ECR image as is (no build, no push, no main stack needed)
 
-Prerequisites: aws (CLI v2, credentials for the target account), docker (engine running),
-python3 with pip (to package the Lambda).
+Prerequisites: aws (CLI v2, credentials for the target account), python3 with pip (to package the
+Lambda), and docker with a running engine for a local build (without one the image is built in
+the cloud). Environment: WHISPER_BATCH_BUILD_POLL_SECONDS (default 15) between remote-build polls.
 EOF
 }
 
@@ -94,6 +113,9 @@ while [[ $# -gt 0 ]]; do
     --alarm-email) need_value "$@"; ALARM_EMAIL=$2; shift 2 ;;
     --spot) USE_SPOT=true; shift ;;
     --word-timestamps) WORD_TIMESTAMPS=true; shift ;;
+    --speaker-labels) SPEAKER_LABELS=true; shift ;;
+    --remote-build) [[ "$BUILD_MODE" != local ]] || die "--remote-build and --local-build exclude each other"; BUILD_MODE=remote; shift ;;
+    --local-build) [[ "$BUILD_MODE" != remote ]] || die "--remote-build and --local-build exclude each other"; BUILD_MODE=local; shift ;;
     --parameter) need_value "$@"; EXTRA_PARAMS+=("$2"); shift 2 ;;
     --endpoint) need_value "$@"; ENDPOINT_MODE=$2; shift 2 ;;
     --instance-type) need_value "$@"; INSTANCE_TYPE=$2; shift 2 ;;
@@ -110,6 +132,11 @@ case "$ENDPOINT_MODE" in
 esac
 ENDPOINT_STACK=""
 ENDPOINT_TARGET=""
+[[ "$POLL_SECONDS" =~ ^[0-9]+$ ]] || die "WHISPER_BATCH_BUILD_POLL_SECONDS must be a whole number of seconds"
+if [[ -n "$ENDPOINT_MODE" ]]; then
+  [[ "$BUILD_MODE" != remote ]] || die "--remote-build builds the Batch worker; with --endpoint build locally (or pass --image-uri)"
+  [[ -z "$SPEAKER_LABELS" ]] || die "--speaker-labels applies to the Batch stack, not to --endpoint"
+fi
 if [[ -z "$ENDPOINT_MODE" ]]; then
   [[ -z "$INSTANCE_TYPE" && -z "$IMAGE_URI" ]] || die "--instance-type and --image-uri need --endpoint MODE"
 else
@@ -186,8 +213,31 @@ if [[ -n "$ENDPOINT_MODE" ]]; then
   NEED_LAMBDA=0
   if [[ -n "$IMAGE_URI" ]]; then NEED_DOCKER=0; fi
 fi
+# docker_reachable: why not ("" when it is): docker on PATH and (outside a dry run) its engine answering.
+docker_unreachable() {
+  if ! command -v docker >/dev/null 2>&1; then
+    echo "docker is not on PATH"
+  elif ! dry && ! docker info >/dev/null 2>&1; then
+    echo "the Docker engine is not reachable (docker info failed)"
+  fi
+}
+if [[ -z "$ENDPOINT_MODE" && "$BUILD_MODE" != local ]]; then
+  # The Batch image can be built in the cloud; the endpoint path always builds locally.
+  if [[ "$BUILD_MODE" == remote ]]; then
+    NEED_DOCKER=0
+  else
+    BUILD_MODE_WHY=$(docker_unreachable)
+    if [[ -n "$BUILD_MODE_WHY" ]]; then
+      BUILD_MODE=remote
+      NEED_DOCKER=0
+      note "no local Docker engine ($BUILD_MODE_WHY): building the image in the cloud with the stack's CodeBuild project, as --remote-build does (pass --local-build to insist on Docker)"
+    else
+      BUILD_MODE=local
+    fi
+  fi
+fi
 if [[ "$NEED_DOCKER" -eq 1 ]]; then
-  require docker "Install Docker (https://docs.docker.com/engine/install/) and start the engine; the worker image is built locally."
+  require docker "Install Docker (https://docs.docker.com/engine/install/) and start the engine; the worker image is built locally (or pass --remote-build to build it in the cloud)."
 fi
 if [[ "$NEED_LAMBDA" -eq 1 ]]; then
   require python3 "Install Python 3 (with pip); it packages the submitter Lambda."
@@ -198,7 +248,7 @@ if ! dry; then
     [[ -d "$SUBMITTER_DIR" ]] || die "missing $SUBMITTER_DIR"
   fi
   if [[ "$NEED_DOCKER" -eq 1 ]]; then
-    docker info >/dev/null 2>&1 || die "docker is installed but the engine is not reachable (start Docker, or check permissions on its socket)."
+    docker info >/dev/null 2>&1 || die "docker is installed but the engine is not reachable (start Docker, or check permissions on its socket; or pass --remote-build to build in the cloud)."
     [[ -f "$DOCKERFILE" ]] || die "missing $DOCKERFILE"
   fi
   if [[ -n "$ENDPOINT_MODE" ]]; then
@@ -398,23 +448,22 @@ PY
 fi
 run aws s3 cp "$ZIP" "s3://$ARTIFACTS_BUCKET/$LAMBDA_KEY" --region "$REGION" --only-show-errors
 
-# ------------------------------------------------------------------ image build
-run docker build --platform linux/amd64 -f "$DOCKERFILE" \
-  --build-arg "MODEL=$MODEL" --build-arg "BATCH_SIZE=$BATCH_SIZE" --build-arg "MAX_TOKENS=$MAX_TOKENS" \
-  -t "$LOCAL_IMAGE:$IMAGE_TAG" "$SCRIPT_DIR"
-
+# ------------------------------------------------------------------ deploy
+# deploy [keep-image]: the stack with every override; keep-image leaves ImageTag at the stack's
+# current value (aws cloudformation deploy keeps the previous value of a parameter not overridden).
 deploy() {
   local overrides=(
     "LambdaCodeBucket=$ARTIFACTS_BUCKET"
     "LambdaCodeKey=$LAMBDA_KEY"
-    "ImageTag=$IMAGE_TAG"
     "VpcId=$VPC_ID"
     "SubnetIds=$SUBNETS"
   )
+  if [[ "${1:-}" != keep-image ]]; then overrides+=("ImageTag=$IMAGE_TAG"); fi
   if [[ -n "$SECURITY_GROUPS" ]]; then overrides+=("SecurityGroupIds=$SECURITY_GROUPS"); fi
   if [[ -n "$ALARM_EMAIL" ]]; then overrides+=("AlarmEmail=$ALARM_EMAIL"); fi
   if [[ -n "$USE_SPOT" ]]; then overrides+=("UseSpot=$USE_SPOT"); fi
   if [[ -n "$WORD_TIMESTAMPS" ]]; then overrides+=("WordTimestamps=$WORD_TIMESTAMPS"); fi
+  if [[ -n "$SPEAKER_LABELS" ]]; then overrides+=("SpeakerLabels=$SPEAKER_LABELS"); fi
   if [[ ${#EXTRA_PARAMS[@]} -gt 0 ]]; then overrides+=("${EXTRA_PARAMS[@]}"); fi
   run aws cloudformation deploy --region "$REGION" --stack-name "$STACK_NAME" \
     --template-file "$TEMPLATE" --s3-bucket "$ARTIFACTS_BUCKET" --s3-prefix cloudformation \
@@ -423,21 +472,168 @@ deploy() {
     --parameter-overrides "${overrides[@]}"
 }
 
-# ECR bootstrap: the repository belongs to the stack. On the first deploy the stack (and its
-# repository) is created first and the image pushed right after; nobody knows the bucket until this
-# script prints it, so no job can start before the image exists. On later deploys the repository
-# exists: push first, then deploy, so the new job-definition revision never names a missing tag.
-REPO_URI=$(stack_output EcrRepositoryUri "")
-if [[ -n "$REPO_URI" && "$REPO_URI" != None ]]; then
-  note "stack exists: pushing the image to $REPO_URI before deploying"
-  push_image "$REPO_URI"
+# The Dockerfile's build args, the same on both build paths (local docker build, CodeBuild).
+BUILD_ARGS=("MODEL=$MODEL" "BATCH_SIZE=$BATCH_SIZE" "MAX_TOKENS=$MAX_TOKENS" "WORD_TIMESTAMPS=$WORD_TIMESTAMPS_BUILD")
+
+# ------------------------------------------------------------------ image build: local Docker
+local_build_and_deploy() {
+  local docker_args=() arg
+  for arg in "${BUILD_ARGS[@]}"; do docker_args+=(--build-arg "$arg"); done
+  run docker build --platform linux/amd64 -f "$DOCKERFILE" "${docker_args[@]}" \
+    -t "$LOCAL_IMAGE:$IMAGE_TAG" "$SCRIPT_DIR"
+
+  # ECR bootstrap: the repository belongs to the stack. On the first deploy the stack (and its
+  # repository) is created first and the image pushed right after; nobody knows the bucket until this
+  # script prints it, so no job can start before the image exists. On later deploys the repository
+  # exists: push first, then deploy, so the new job-definition revision never names a missing tag.
+  REPO_URI=$(stack_output EcrRepositoryUri "")
+  if [[ -n "$REPO_URI" && "$REPO_URI" != None ]]; then
+    note "stack exists: pushing the image to $REPO_URI before deploying"
+    push_image "$REPO_URI"
+    deploy
+  else
+    note "first deploy: creating the stack (and its ECR repository), then pushing the image"
+    deploy
+    REPO_URI=$(stack_output EcrRepositoryUri "$ACCOUNT.dkr.ecr.$REGION.amazonaws.com/DRYRUN-repository")
+    [[ -n "$REPO_URI" && "$REPO_URI" != None ]] || die "stack $STACK_NAME has no EcrRepositoryUri output"
+    push_image "$REPO_URI"
+  fi
+}
+
+# ------------------------------------------------------------------ image build: CodeBuild (--remote-build)
+# package_source ZIP: the source CodeBuild builds. A git checkout: `git archive HEAD` (committed
+# files only; the script says when uncommitted changes are left out). Otherwise the tree, minus
+# VCS/venv/cache directories, with MANIFEST.sha256 listing every file and its digest.
+package_source() {
+  local zip=$1 head
+  if command -v git >/dev/null 2>&1 \
+      && [[ "$(git -C "$SCRIPT_DIR" rev-parse --show-toplevel 2>/dev/null)" == "$SCRIPT_DIR" ]]; then
+    head=$(git -C "$SCRIPT_DIR" rev-parse --short HEAD)
+    if [[ -n "$(git -C "$SCRIPT_DIR" status --porcelain --untracked-files=no)" ]]; then
+      note "uncommitted changes are NOT part of the remote build: it builds commit $head (commit them, or use --local-build)"
+    fi
+    note "source: git archive of commit $head"
+    run git -C "$SCRIPT_DIR" archive --format=zip -o "$zip" HEAD
+    return
+  fi
+  note "source: not a git checkout; zipping the tree with a MANIFEST.sha256"
+  if dry; then
+    printf '+ %s\n' "(zip $SCRIPT_DIR, without .git/.venv*/caches, + MANIFEST.sha256 -> $zip)" >&3
+    return
+  fi
+  python3 - "$SCRIPT_DIR" "$zip" <<'PY'
+import hashlib, os, sys, zipfile
+root, out = sys.argv[1], sys.argv[2]
+skip_dirs = {".git", "__pycache__", ".cache", ".pytest_cache", ".ruff_cache", "node_modules", "build", "dist",
+             "local-data", "out"}
+lines = []
+with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in skip_dirs and not d.startswith(".venv") and not d.endswith(".egg-info"))
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if name.endswith(".pyc") or os.path.abspath(path) == os.path.abspath(out) or not os.path.isfile(path):
+                continue
+            rel = os.path.relpath(path, root)
+            with open(path, "rb") as fh:
+                data = fh.read()
+            info = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = (os.stat(path).st_mode & 0o777) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data)
+            lines.append(f"{hashlib.sha256(data).hexdigest()}  {rel}\n")
+    zf.writestr("MANIFEST.sha256", "".join(lines))
+PY
+}
+
+# build_state: one batch-get-builds JSON document on stdin -> status, current phase, the first phase
+# that did not succeed, its status, its context messages and the build log link, separated by \x1f.
+BUILD_STATE_PY='
+import json, sys
+builds = json.load(sys.stdin).get("builds") or [{}]
+b = builds[0]
+bad = [p for p in b.get("phases") or [] if p.get("phaseStatus") not in (None, "SUCCEEDED")]
+f = bad[0] if bad else {}
+msg = "; ".join(": ".join(x for x in (c.get("statusCode"), c.get("message")) if x)
+                for c in f.get("contexts") or [] if c.get("statusCode") or c.get("message"))
+fields = [b.get("buildStatus") or "", b.get("currentPhase") or "", f.get("phaseType") or "",
+          f.get("phaseStatus") or "", " ".join(msg.split()), (b.get("logs") or {}).get("deepLink") or ""]
+print("\x1f".join(fields))
+'
+
+# wait_for_build ID: poll batch-get-builds, one progress line per phase; a build that ends in any
+# state but SUCCEEDED stops the script with its failing phase and that phase's own message.
+wait_for_build() {
+  local id=$1 started=$SECONDS json state status phase fphase fstatus message link last=""
+  printf '+ %s   (every %s s until the build ends)\n' \
+    "$(quote aws codebuild batch-get-builds --region "$REGION" --ids "$id" --output json)" "$POLL_SECONDS" >&3
+  if dry; then return 0; fi
+  while :; do
+    json=$(aws codebuild batch-get-builds --region "$REGION" --ids "$id" --output json) \
+      || die "cannot read the state of build $id (aws codebuild batch-get-builds failed)"
+    state=$(printf '%s' "$json" | python3 -c "$BUILD_STATE_PY") || die "unreadable batch-get-builds answer for build $id"
+    IFS=$'\x1f' read -r status phase fphase fstatus message link <<<"$state"
+    [[ -n "$status" ]] || die "build $id not found (aws codebuild batch-get-builds returned no build)"
+    if [[ "$status $phase" != "$last" ]]; then
+      note "remote build: phase ${phase:-?} ($status, $((SECONDS - started)) s)"
+      last="$status $phase"
+    fi
+    case "$status" in
+      IN_PROGRESS) sleep "$POLL_SECONDS" ;;
+      SUCCEEDED) note "remote build succeeded: pushed $IMAGE_TAG"; return 0 ;;
+      *) die "remote build $id $status in phase ${fphase:-$phase}${fstatus:+ ($fstatus)}: ${message:-no message from CodeBuild}${link:+
+  build log: $link}" ;;
+    esac
+  done
+}
+
+# remote_build PROJECT: upload the source, start the build with the build args, follow it.
+remote_build() {
+  local project=$1 zip="$BUILD_DIR/source.zip" key="build-source/$STACK_NAME/$IMAGE_TAG.zip" env_overrides=() arg
+  for arg in "${BUILD_ARGS[@]}" "IMAGE_TAG=$IMAGE_TAG"; do
+    # CLI shorthand (name=...,value=...): a value must not contain a comma, quote or space.
+    [[ "${arg#*=}" =~ ^[A-Za-z0-9_./:@+-]+$ ]] || die "build arg $arg cannot be passed to CodeBuild (letters, digits and ._/:@+- only)"
+    env_overrides+=("name=${arg%%=*},value=${arg#*=},type=PLAINTEXT")
+  done
+  package_source "$zip"
+  run aws s3 cp "$zip" "s3://$ARTIFACTS_BUCKET/$key" --region "$REGION" --sse AES256 --only-show-errors
+  note "starting the image build in the cloud: CodeBuild project $project (${BUILD_ARGS[*]})"
+  BUILD_ID=$(query "$project:DRYRUN-build-id" aws codebuild start-build --region "$REGION" --project-name "$project" \
+    --source-type-override S3 --source-location-override "$ARTIFACTS_BUCKET/$key" \
+    --environment-variables-override "${env_overrides[@]}" \
+    --query build.id --output text) || die "aws codebuild start-build failed for project $project"
+  note "remote build $BUILD_ID started; logs in /whisper-batch/$STACK_NAME/image-build"
+  wait_for_build "$BUILD_ID"
+}
+
+# The CodeBuild project is part of the stack: a first deploy (or a stack from before the project)
+# is deployed first, then built, then deployed again with the new tag. A first deploy's job
+# definitions name the tag before it exists, harmless as on the local path (nobody knows the bucket
+# yet); an existing stack keeps its current image until the build has pushed the new one.
+remote_build_and_deploy() {
+  local project repo_uri
+  project=$(stack_output ImageBuildProjectName "")
+  if [[ -z "$project" || "$project" == None ]]; then
+    repo_uri=$(stack_output EcrRepositoryUri "")
+    if [[ -n "$repo_uri" && "$repo_uri" != None ]]; then
+      note "stack $STACK_NAME has no CodeBuild project yet: updating it first (keeping its current image)"
+      deploy keep-image
+    else
+      note "first deploy: creating the stack (its ECR repository and CodeBuild project), then building the image in the cloud"
+      deploy
+    fi
+    project=$(stack_output ImageBuildProjectName "$STACK_NAME-image")
+    [[ -n "$project" && "$project" != None ]] || die "stack $STACK_NAME has no ImageBuildProjectName output"
+  fi
+  remote_build "$project"
   deploy
+}
+
+if [[ "$BUILD_MODE" == remote ]]; then
+  remote_build_and_deploy
 else
-  note "first deploy: creating the stack (and its ECR repository), then pushing the image"
-  deploy
-  REPO_URI=$(stack_output EcrRepositoryUri "$ACCOUNT.dkr.ecr.$REGION.amazonaws.com/DRYRUN-repository")
-  [[ -n "$REPO_URI" && "$REPO_URI" != None ]] || die "stack $STACK_NAME has no EcrRepositoryUri output"
-  push_image "$REPO_URI"
+  local_build_and_deploy
 fi
 
 # ------------------------------------------------------------------ where to drop audio

@@ -110,7 +110,8 @@ def test_help_exits_zero_and_lists_options(fakes):
     proc = run_script(["--help"], env)
     assert proc.returncode == 0, proc.stderr
     for opt in ("--stack-name", "--region", "--model", "--batch-size", "--vpc-id", "--subnets",
-                "--security-groups", "--dry-run", "--image-tag", "--endpoint", "--instance-type", "--image-uri"):
+                "--security-groups", "--dry-run", "--image-tag", "--endpoint", "--instance-type", "--image-uri",
+                "--remote-build", "--local-build", "--speaker-labels"):
         assert opt in proc.stdout, opt
     assert calls(log) == []
 
@@ -121,8 +122,9 @@ def test_unknown_option_fails(fakes):
     assert proc.returncode != 0 and "unknown option" in proc.stderr
 
 
-@pytest.mark.parametrize("missing", ["docker", "aws"])
-def test_missing_prerequisite_gives_clear_message(fakes, tmp_path, missing):
+# Without docker the default is the remote build (tests/test_remote_build.py); --local-build insists on it.
+@pytest.mark.parametrize("missing, flags", [("docker", ["--local-build"]), ("aws", []), ("aws", ["--remote-build"])])
+def test_missing_prerequisite_gives_clear_message(fakes, tmp_path, missing, flags):
     bindir, log, env = fakes
     limited = tmp_path / "limited-bin"
     limited.mkdir()
@@ -134,7 +136,7 @@ def test_missing_prerequisite_gives_clear_message(fakes, tmp_path, missing):
         if tool != missing:
             (limited / tool).symlink_to(bindir / tool)
     env = dict(env, PATH=str(limited))
-    proc = run_script(["--dry-run", "--region", "eu-west-1"], env)
+    proc = run_script(["--dry-run", "--region", "eu-west-1", *flags], env)
     assert proc.returncode != 0
     assert f"'{missing}' not found on PATH" in proc.stderr
     assert "Install" in proc.stderr
@@ -152,7 +154,8 @@ def test_dry_run_prints_every_command_and_runs_none(fakes):
 
     build = one(lines, "docker build")
     assert f"-f {REPO}/batch_job/Dockerfile" in build
-    for arg in ("--build-arg MODEL=base", "--build-arg BATCH_SIZE=4", "--build-arg MAX_TOKENS=224", "-t whisper-batch:v1"):
+    for arg in ("--build-arg MODEL=base", "--build-arg BATCH_SIZE=4", "--build-arg MAX_TOKENS=224",
+                "--build-arg WORD_TIMESTAMPS=1", "-t whisper-batch:v1"):
         assert arg in build, arg
     assert one(lines, "docker push").endswith(":v1")
     assert "--password-stdin" in one(lines, "docker login")
@@ -232,6 +235,35 @@ def test_word_timestamps_flag_sets_the_stack_parameter(fakes):
     assert load_template()["Parameters"]["WordTimestamps"]["AllowedValues"] == ["true", "false"]
 
 
+def test_speaker_labels_flag_sets_the_parameter_and_builds_word_timestamps(fakes):
+    """--speaker-labels: SpeakerLabels=true (WHISPER_BATCH_DIARIZE in the jobs) and the image's graphs
+    with the alignment output (WORD_TIMESTAMPS=1), on the local and on the remote build path."""
+    from test_template import load_template
+
+    _, log, env = fakes
+    base = ["--dry-run", "--region", "eu-west-1", "--vpc-id", "vpc-1", "--subnets", "subnet-1"]
+
+    def run(args: list[str]) -> list[str]:
+        proc = run_script(base + args, env)
+        assert proc.returncode == 0, proc.stderr
+        return printed(proc.stdout)
+
+    plain = one(run([]), "aws cloudformation deploy").split("--parameter-overrides", 1)[1].split()
+    assert not any(o.startswith("SpeakerLabels=") for o in plain)  # the template's default (off)
+    local = run(["--speaker-labels"])
+    assert "SpeakerLabels=true" in one(local, "aws cloudformation deploy").split("--parameter-overrides", 1)[1].split()
+    assert "--build-arg WORD_TIMESTAMPS=1" in one(local, "docker build")
+    remote = run(["--speaker-labels", "--remote-build"])
+    assert "name=WORD_TIMESTAMPS,value=1,type=PLAINTEXT" in one(remote, "aws codebuild start-build")
+    assert all("SpeakerLabels=true" in line for line in remote if line.startswith("aws cloudformation deploy"))
+    assert calls(log) == []
+    param = load_template()["Parameters"]["SpeakerLabels"]
+    assert param["AllowedValues"] == ["true", "false"] and param["Default"] == "false"
+    # Not an endpoint option (endpoint.yaml has no such parameter).
+    proc = run_script(["--dry-run", "--region", "eu-west-1", "--endpoint", "async", "--speaker-labels"], env)
+    assert proc.returncode != 0 and "--speaker-labels applies to the Batch stack" in proc.stderr
+
+
 # ---------------------------------------------------------------------------- runs against the fakes
 @pytest.fixture
 def project_copy(tmp_path):
@@ -274,6 +306,8 @@ def test_first_deploy_creates_stack_then_pushes(fakes, project_copy):
     assert "VpcId=vpc-0default" in overrides and "SubnetIds=subnet-0a,subnet-0b" in overrides
     assert "ImageTag=t1" in overrides
     assert "s3://wb-bucket/audio/" in proc.stdout
+    # The dashboard URL is the stack's output, printed after the deploy.
+    assert "Dashboard:          https://eu-west-1.console.aws.amazon.com/cloudwatch/home#dashboards:name=wb" in proc.stdout
 
 
 def test_update_pushes_before_deploy_and_skips_discovery(fakes, project_copy):
