@@ -38,6 +38,8 @@ ALLOWED_BASE_IMAGES = {
 CONSTRAINTS = "/opt/whisper-batch/neuron-constraints.txt"
 PINNED = ("numpy", "torch", "torch-neuronx", "neuronx-cc")
 DEFAULT_MODEL = "openai/whisper-large-v3-turbo"
+#: The RUN that installs the package itself (not the speaker weights' RUN after it).
+PACKAGE_INSTALL = '/opt/whisper-batch/src"['
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -195,7 +197,7 @@ def test_constraints_are_generated_from_the_image_and_complete(steps):
 
 def test_package_is_installed_under_the_constraints(steps):
     gen_at, _ = run_with(steps, f"> {CONSTRAINTS}")
-    i, run = run_with(steps, "pip install")
+    i, run = run_with(steps, PACKAGE_INSTALL)
     assert gen_at < i
     assert re.search(rf"pip install (.* )?-c {re.escape(CONSTRAINTS)} (.* )?/opt/whisper-batch/src\b", run), run
     for forbidden in (" -U ", "--upgrade", "--force-reinstall", "--no-deps", "--ignore-installed"):
@@ -211,7 +213,7 @@ def _self_check(steps) -> tuple[int, str]:
 
 def test_self_check_python_is_strict(steps):
     i, run = _self_check(steps)
-    assert i > run_with(steps, "pip install")[0]
+    assert i > run_with(steps, PACKAGE_INSTALL)[0]
     tree = ast.parse(python_c_code(run))  # the program must be valid Python
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert {"torch", "torch_neuronx", "numpy", "transformers", "batch_job"} <= imported
@@ -237,6 +239,10 @@ def test_self_check_pins_are_unchanged_after_install(steps):
 PIP_CHECK_OK = [
     "No broken requirements found.",
     "neuronx-distributed-inference 0.10.18399+ed62453e has requirement transformers==4.57.*, but you have transformers 5.24.0.",
+    # resemblyzer is installed --no-deps for its weights file (test_speaker_encoder_weights_are_baked)
+    "resemblyzer 0.1.4 requires librosa, which is not installed.",
+    "resemblyzer 0.1.4 requires webrtcvad, which is not installed.",
+    "resemblyzer 0.1.4 requires typing, which is not installed.",
 ]
 PIP_CHECK_FAIL = [
     "torch-neuronx 2.9.0.2.15.32035+de43f57c has requirement numpy<2, but you have numpy 2.3.0.",
@@ -245,6 +251,10 @@ PIP_CHECK_FAIL = [
     "whisper-batch 0.1.0 has requirement transformers<6,>=5.23, but you have transformers 4.57.1.",
     "libneuronxla 2.2.17544.0 is not supported on this platform",
     "WARNING: Error parsing dependencies of foo: bar",
+    "resemblyzer 0.1.4 requires torch, which is not installed.",
+    "resemblyzer 0.1.4 requires scipy, which is not installed.",
+    "resemblyzer 0.1.5 requires librosa, which is not installed.",
+    "resemblyzer 0.1.4 has requirement numpy>=1.10.1, but you have numpy 1.9.0.",
 ]
 
 
@@ -268,6 +278,36 @@ def test_self_check_runs_before_download_and_compile(steps):
     fetch_at, _ = run_with(steps, "fetch_model")
     compile_at, _ = run_with(steps, "whisper-batch compile")
     assert check_at < fetch_at < compile_at
+
+
+# ---------------------------------------------------------------------------- speaker labels
+def test_speaker_encoder_weights_are_baked(steps):
+    """resemblyzer (only its pretrained.pt is read) without its deps, scipy under the constraints, and
+    a build-time check that the weights are where batch_job/speakers/encoder.py looks for them."""
+    import tomllib
+
+    i, run = run_with(steps, "resemblyzer==")
+    cmds = [c.strip() for c in run.split("&&")]
+    weights = next(c for c in cmds if "resemblyzer" in c)
+    words = shlex.split(weights)
+    assert words[:4] == ["python", "-m", "pip", "install"] and "--no-deps" in words
+    assert words[words.index("-c") + 1] == CONSTRAINTS
+    pin = next(w for w in words if w.startswith("resemblyzer"))
+    # The same pin as the package's `speakers` extra.
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert pin in extras["speakers"], (pin, extras["speakers"])
+    scipy = next(c for c in cmds if re.search(r"pip install .*\bscipy\b", c) and "resemblyzer" not in c)
+    assert f"-c {CONSTRAINTS}" in scipy and "--no-deps" not in scipy  # a scipy that fits the image's numpy
+    tree = ast.parse(python_c_code(run))
+    from_imports = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert ("batch_job.speakers.encoder", "weights_path") in from_imports
+    assert any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "weights_path" for n in ast.walk(tree))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "scipy.cluster.hierarchy" in imported
+    # After the package (the encoder module), before the self-check whose pip check sees it, as root.
+    assert run_with(steps, PACKAGE_INSTALL)[0] < i < _self_check(steps)[0] < index_of(steps, "USER")
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "librosa and webrtcvad" in text and "never imported" in text  # the comment says why --no-deps
 
 
 # ---------------------------------------------------------------------------- run-time hygiene
