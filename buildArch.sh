@@ -32,6 +32,7 @@ SPEAKER_LABELS=""
 WORD_TIMESTAMPS_BUILD=1
 BUILD_MODE=""        # local | remote; "" = local when a Docker engine is reachable, else remote
 BUILD_MODE_WHY=""
+BUILD_ID=""
 POLL_SECONDS=${WHISPER_BATCH_BUILD_POLL_SECONDS:-15}
 USE_SPOT=""
 DRY_RUN=0
@@ -648,6 +649,9 @@ whisper-batch is deployed (stack $STACK_NAME, image tag $IMAGE_TAG).
   Transcripts appear: $OUTPUT_LOCATION<input key>.{json,txt,srt,vtt}
   Dashboard:          $DASHBOARD_URL
 EOF
+if [[ "$BUILD_MODE" == remote ]]; then
+  echo "  Image built by:     CodeBuild build $BUILD_ID (log group /whisper-batch/$STACK_NAME/image-build)"
+fi
 if dry; then
   echo "(dry run: nothing was built, uploaded or deployed)"
 fi

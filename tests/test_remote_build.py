@@ -270,6 +270,7 @@ def test_unreachable_engine_builds_in_the_cloud_follows_phases_and_deploys(cloud
 
         assert manifest["batch_job/Dockerfile"] == hashlib.sha256(zf.read("batch_job/Dockerfile")).hexdigest()
     assert "Dashboard:          https://eu-west-1.console.aws.amazon.com/cloudwatch/home#dashboards:name=wb" in proc.stdout
+    assert "Image built by:     CodeBuild build wb-image:build-1" in proc.stdout
 
 
 def test_failed_build_stops_with_its_phase_and_message(cloud, project):
