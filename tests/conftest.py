@@ -91,10 +91,9 @@ def tiny_model(tiny_settings):
 
 @pytest.fixture(scope="session")
 def tiny_speakers_transcriber(tiny_words_transcriber):
-    """tiny.en with word timestamps and speaker labels (``--diarize``, ``--speakers auto``): the same
-    engine as :func:`tiny_words_transcriber`, plus the voice encoder."""
-    from batch_job.speakers.diarize import Diarizer
+    """tiny.en with word timestamps and speaker labels (``--diarize``, ``--speakers auto``) at the
+    product's default batch size (8: the transcripts, hence the words' times, are those a user gets)."""
     from batch_job.transcribe import Transcriber
 
-    settings = tiny_words_transcriber.settings.replace(diarize=True)
-    return Transcriber(tiny_words_transcriber.engine, settings, diarizer=Diarizer.from_settings(settings))
+    settings = tiny_words_transcriber.settings.replace(diarize=True, batch_size=8)
+    return Transcriber.load(settings)

@@ -68,7 +68,8 @@ def test_regions_merge_words_across_short_pauses_only():
     seg = Segment(0.0, 9.0, "x", _words((0.5, 0.9), (1.0, 1.5), (1.8, 2.0), (4.0, 4.4), (8.9, 9.0)))
     bare = Segment(6.0, 7.0, "no words")
     regions = speech_regions([seg, bare], duration=9.0)
-    assert [(round(a, 2), round(b, 2)) for a, b in regions] == [(0.4, 2.1), (3.9, 4.5), (5.9, 7.1), (8.8, 9.0)]
+    # 0.1 s between w0 and w1 is one region, 0.3 s before w2 is not (REGION_GAP_S 0.2); each padded 0.1 s
+    assert [(round(a, 2), round(b, 2)) for a, b in regions] == [(0.4, 1.6), (1.7, 2.1), (3.9, 4.5), (5.9, 7.1), (8.8, 9.0)]
 
 
 def test_partials_cover_a_region_and_group_into_even_seeds():
@@ -177,12 +178,16 @@ def test_labels_render_in_every_format():
 
 
 @pytest.fixture(scope="module")
-def labelled(tiny_speakers_transcriber, tiny_words_transcriber):
-    """Each standard conversation transcribed with and without speaker labels (same engine)."""
-    convs = standard_set()
-    with_labels = {r.name: r.transcript for r in tiny_speakers_transcriber.transcribe_many((c.name, c.audio) for c in convs)}
-    plain = {r.name: r.transcript for r in tiny_words_transcriber.transcribe_many((c.name, c.audio) for c in convs)}
-    return [(c, with_labels[c.name], plain[c.name]) for c in convs]  # files finish in any order
+def labelled(tiny_speakers_transcriber):
+    """Each standard conversation transcribed with and without speaker labels (same engine and batch size).
+
+    One file at a time: labels are scored against the reference turns by the words' times, and a
+    conversation's transcript should not depend on which other files share its batches.
+    """
+    from batch_job.transcribe import Transcriber
+
+    words_only = Transcriber(tiny_speakers_transcriber.engine, tiny_speakers_transcriber.settings.replace(diarize=False))
+    return [(c, tiny_speakers_transcriber.transcribe(c.audio), words_only.transcribe(c.audio)) for c in standard_set()]
 
 
 def test_real_conversations_right_count_and_speech_attributed(labelled):
@@ -232,3 +237,19 @@ def test_without_diarize_the_voice_encoder_is_never_imported(tmp_path, model_cac
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("CLEAN")
     assert "speaker" not in (tmp_path / "jfk.json").read_text()
+
+
+def test_local_mode_hands_the_speaker_flags_to_its_jobs(monkeypatch):
+    """`whisper-batch local --speakers 3`: its jobs get WHISPER_BATCH_* variables, as the stack's job definition sets them."""
+    from batch_job.cli import build_parser
+    from batch_job.local.cli import _speaker_env
+
+    for name in ("WHISPER_BATCH_DIARIZE", "WHISPER_BATCH_SPEAKERS", "WHISPER_BATCH_MIN_SPEAKERS", "WHISPER_BATCH_MAX_SPEAKERS"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(["local", "--speakers", "3", "--max-speakers", "4"])
+    env = _speaker_env(args)
+    assert env == {"WHISPER_BATCH_DIARIZE": "true", "WHISPER_BATCH_SPEAKERS": "3", "WHISPER_BATCH_MAX_SPEAKERS": "4"}
+    assert SpeakerOptions.from_settings(Settings.from_env(env)) == SpeakerOptions(count=3, max_speakers=4)
+    assert _speaker_env(build_parser().parse_args(["local"])) == {}
+    with pytest.raises(ConfigError):
+        _speaker_env(build_parser().parse_args(["local", "--min-speakers", "5", "--max-speakers", "2"]))

@@ -23,14 +23,14 @@ from batch_job.result import Segment
 
 PARTIAL_S = 1.6
 """One partial utterance: 160 encoder frames of 10 ms."""
-HOP_S = 0.4
-"""Between the starts of consecutive partials of a region (4 partials overlap every instant)."""
-REGION_GAP_S = 0.5
-"""Words closer than this are one region (a pause within a turn)."""
+HOP_S = 0.8
+"""Between the starts of consecutive partials of a region (two partials overlap every instant)."""
+REGION_GAP_S = 0.2
+"""Words closer than this are one region (a pause within a turn; turns in a quick exchange are 0.15-0.3 s apart)."""
 REGION_PAD_S = 0.1
 """Audio kept around a region's words (their times are the alignment's, to 20 ms)."""
-SEED_PARTIALS = 6
-"""Partials per seed at most: about 3.6 s of continuous speech."""
+SEED_PARTIALS = 2
+"""Partials per seed at most: about 2.4 s of continuous speech (longer seeds straddle quick turn changes)."""
 
 
 @dataclass(frozen=True)
