@@ -5,6 +5,9 @@ from ``PRICES_SOURCE``; they drift, so check them and override with
 ``WHISPER_BATCH_INSTANCE_PRICE_PER_HOUR`` when they do.
 cost = wall_seconds / 3600 * price_per_hour / jobs_per_instance.
 Unknown instance type and no override: cost is None with a reason, never an error.
+
+NOT CONFIRMED: the figures below were not checked against an AWS pricing page in this
+session (no page found in time); ``PRICES_AS_OF`` is the date they were entered, not verified.
 """
 from __future__ import annotations
 
@@ -56,3 +59,36 @@ def object_cost(wall_seconds: float, instance_type: str, price_override: float =
                     f"{reason} {instance_type!r}; set WHISPER_BATCH_INSTANCE_PRICE_PER_HOUR")
     usd = round(wall_seconds / 3600.0 * price / jobs, 8)
     return Cost(usd, wall_seconds, price, jobs, instance_type)
+
+
+IMDS_URL = "http://169.254.169.254"
+
+
+def instance_type_from_imds(base_url: str = IMDS_URL, timeout: float = 1.0) -> tuple[str, str]:
+    """``(instance_type, "")`` from IMDSv2 (token PUT, then GET meta-data/instance-type), or
+    ``("", reason)`` when the service is unreachable or refuses: cost is then null with that reason."""
+    import urllib.request
+
+    try:
+        req = urllib.request.Request(f"{base_url}/latest/api/token", method="PUT",
+                                     headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            token = r.read().decode()
+        req = urllib.request.Request(f"{base_url}/latest/meta-data/instance-type",
+                                     headers={"X-aws-ec2-metadata-token": token})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.read().decode().strip(), ""
+    except OSError as exc:
+        return "", f"instance type from IMDS unavailable ({exc})"
+
+
+def resolve_instance_type(setting: str, base_url: str = IMDS_URL) -> tuple[str, str]:
+    """The setting when given; otherwise IMDSv2's answer (cached for the process)."""
+    if setting:
+        return setting, ""
+    if base_url not in _IMDS_CACHE:
+        _IMDS_CACHE[base_url] = instance_type_from_imds(base_url)
+    return _IMDS_CACHE[base_url]
+
+
+_IMDS_CACHE: dict[str, tuple[str, str]] = {}

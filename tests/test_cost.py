@@ -31,5 +31,25 @@ def test_cost_block_splits_model_load_across_pack():
     assert b["model_load_share_seconds"] == 5.0
     assert b["usd"] == round(36 / 3600 * 0.7582 / 2, 8)
     assert b["total_usd"] == round(b["usd"] + b["model_load_usd"], 8)
-    unknown = cost_block(Settings(instance_type=""), 36.0, None, 1)
+    unknown = cost_block(Settings(instance_type=""), 36.0, None, 1, instance_type="")
     assert unknown["total_usd"] is None and unknown["reason"]
+
+
+def test_cost_block_looks_price_up_once(monkeypatch):
+    from batch_job import pricing
+    from batch_job.job.objects import cost_block
+    from batch_job.settings import Settings
+    calls = []
+    real = pricing.object_cost
+    monkeypatch.setattr(pricing, "object_cost", lambda *a, **k: calls.append(a) or real(*a, **k))
+    b = cost_block(Settings(instance_type="inf2.xlarge"), 36.0, 20.0, 4)
+    assert len(calls) == 1 and b["total_usd"] == round(41 / 3600 * 0.7582 / 2, 8)
+
+
+def test_cost_block_empty_setting_uses_imds_reason(monkeypatch):
+    from batch_job import pricing
+    from batch_job.job.objects import cost_block
+    from batch_job.settings import Settings
+    monkeypatch.setattr(pricing, "resolve_instance_type", lambda s: ("", "instance type from IMDS unavailable (x)"))
+    b = cost_block(Settings(instance_type=""), 36.0, None, 1)
+    assert b["total_usd"] is None and "IMDS unavailable" in b["reason"]

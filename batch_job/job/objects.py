@@ -275,16 +275,21 @@ def emit(rt: Runtime, m: metrics.JobMetrics) -> None:
 
 
 def cost_block(settings: Settings, processing_seconds: float, model_load_seconds: float | None,
-               pack_objects: int) -> dict[str, Any]:
-    """This object's share of instance time: its own wall seconds plus model load / objects in the pack."""
+               pack_objects: int, instance_type: str | None = None) -> dict[str, Any]:
+    """This object's share of instance time: its own wall seconds plus model load / objects in the pack.
+
+    The price is looked up once (for the whole pack share) and multiplied twice. ``instance_type``
+    defaults to the setting, else IMDSv2's answer (:func:`pricing.instance_type_from_imds`).
+    """
     load_share = (model_load_seconds or 0.0) / max(pack_objects, 1)
-    own = pricing.object_cost(processing_seconds, settings.instance_type, settings.instance_price_per_hour,
-                              settings.jobs_per_instance)
-    load = pricing.object_cost(load_share, settings.instance_type, settings.instance_price_per_hour,
-                               settings.jobs_per_instance)
+    itype, why = (instance_type, "") if instance_type is not None else pricing.resolve_instance_type(settings.instance_type)
+    unit = pricing.object_cost(3600.0, itype, settings.instance_price_per_hour, settings.jobs_per_instance)
+    per_second = None if unit.usd is None else unit.usd_per_hour / unit.jobs_per_instance / 3600.0
+    own = None if per_second is None else round(processing_seconds * per_second, 8)
+    load = None if per_second is None else round(load_share * per_second, 8)
     return {"wall_seconds": round(processing_seconds, 3), "model_load_share_seconds": round(load_share, 3),
-            "usd": own.usd, "model_load_usd": load.usd,
-            "total_usd": None if own.usd is None or load.usd is None else round(own.usd + load.usd, 8),
-            "instance_type": own.instance_type or None, "usd_per_hour": own.usd_per_hour,
-            "jobs_per_instance": own.jobs_per_instance, "prices_as_of": pricing.PRICES_AS_OF,
-            "reason": own.reason or None}
+            "usd": own, "model_load_usd": load,
+            "total_usd": None if own is None or load is None else round(own + load, 8),
+            "instance_type": itype or None, "usd_per_hour": unit.usd_per_hour,
+            "jobs_per_instance": unit.jobs_per_instance, "prices_as_of": pricing.PRICES_AS_OF,
+            "reason": "; ".join(x for x in (why, unit.reason) if x) or None}
