@@ -19,6 +19,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--failed", action="store_true", help="list every failed key")
     p.add_argument("--since", help="only markers written at or after this ISO time (e.g. 2026-12-06T10:00Z)")
+    p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a TTY")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     p.add_argument("--endpoint-url", help="S3 endpoint (local mode's server), default $AWS_ENDPOINT_URL")
     p.set_defaults(func=_command)
@@ -29,6 +30,13 @@ def _since(text: str | None) -> datetime | None:
         return None
     t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _progress(args: Any):
+    """The bar only on a TTY or with --progress, never with --json."""
+    if args.json or not (args.progress or sys.stderr.isatty()):
+        return None
+    return stderr_progress()
 
 
 def _command(args: Any) -> int:
@@ -42,7 +50,7 @@ def _command(args: Any) -> int:
     client = s3_client(args.threads, args.endpoint_url)
     try:
         records = read_markers(client, out.bucket, out.key, threads=args.threads, since=since,
-                               progress=None if args.json else stderr_progress())
+                               progress=_progress(args))
         inputs = None
         if inp is not None:
             inputs = {k for k in list_keys(client, inp.bucket, inp.key)

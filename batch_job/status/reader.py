@@ -48,7 +48,14 @@ def read_markers(client, bucket: str, prefix: str, *, threads: int = DEFAULT_THR
     return out
 
 
-def stderr_progress(total_hint: str = "") -> Callable[[int], None]:
+def stderr_progress(total: int | None = None) -> Callable[[int], None]:
+    """A tqdm bar on stderr fed with the running count of markers read."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="marker", file=sys.stderr, desc="reading markers")
+
     def show(n: int) -> None:
-        print(f"\rread {n} markers{total_hint}", end="", file=sys.stderr, flush=True)
+        bar.update(n - bar.n)
+        if total is not None and n >= total:
+            bar.close()
     return show
