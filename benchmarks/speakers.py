@@ -2,8 +2,9 @@
 
 Conversations are built from ``../shared/audio`` clips of different real speakers
 (tests/conversations.py): the standard set of the tests (1-4 speakers, short and long turns), on
-which ``auto``'s cut was tuned, and a held-out set of random ones (seeded) from the same voices
-plus one-turn guests whose voices the tuning never saw, with pauses between turns down to 0.15 s. Systems, each on the same tiny.en
+which (with the random sets of seeds 21 and 5) ``auto``'s cut was tuned, and a held-out set of
+random ones (seed 99, never used for tuning) from the same voices
+plus one-turn guests whose voices the tuning never saw, with pauses between turns down to 0.05 s (one breath: Whisper then often runs one segment across the change). Systems, each on the same tiny.en
 transcript with word timestamps:
 
 * **ours**: ``--diarize --speakers auto`` (batch_job/speakers: partials over the words' speech,
@@ -55,7 +56,7 @@ FLOOR_THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 
 def held_out_set(count: int, seed: int) -> list[conv_lib.Conversation]:
     """Random conversations: 2-4 of the multi-clip voices taking 1-2 clips per turn, maybe one guest,
-    pauses between turns of 0.15, 0.3 or 0.6 s."""
+    pauses between turns of 0.05, 0.15, 0.3 or 0.6 s."""
     rng = random.Random(seed)
     pool = ["lj", "spk1", "spk2", "austen"]
     out = []
@@ -72,7 +73,7 @@ def held_out_set(count: int, seed: int) -> list[conv_lib.Conversation]:
             last = voice
         if rng.random() < 0.5:
             plan.insert(rng.randrange(1, len(plan)), (rng.choice(GUESTS), 0))
-        pause = rng.choice((0.15, 0.3, 0.6))  # quick turn-taking too: Whisper's segments then span speakers
+        pause = rng.choice((0.05, 0.15, 0.3, 0.6))  # quick turn-taking too: Whisper's segments then span speakers
         conv = conv_lib.build(f"held-out {seed}-{n} (pauses {pause} s)", plan, pause_s=pause)
         out.append(conv_lib._merge_same_speaker(conv))
     return out
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="timing rounds per system (best is kept)")
     parser.add_argument("--held-out", type=int, default=12, help="random conversations in the held-out set")
-    parser.add_argument("--seed", type=int, default=21)
+    parser.add_argument("--seed", type=int, default=99, help="held-out set (21 and 5 were used to tune auto's cut)")
     parser.add_argument("--write-docs", action="store_true", help=f"replace '{HEADING}' in docs/benchmarks.md")
     args = parser.parse_args(argv)
     cache = os.environ.get("WHISPER_BATCH_TEST_CACHE", str(REPO / ".cache" / "test-models"))
