@@ -22,6 +22,10 @@ N_AUDIO_CTX = N_FRAMES // 2
 """1500 encoder output positions (after the stride-2 convolution)."""
 SECONDS_PER_TIMESTAMP = 0.02
 """Resolution of the timestamp tokens ``<|0.00|>`` .. ``<|30.00|>``."""
+JOIN_SLACK_SECONDS = 0.5
+"""A decoded segment of a joined window (distant stretches of one file in one row) that overlaps
+two of its parts by more than this each ran across the join: it is not kept, and what it covered
+is decoded again (a timestamp straying less than this across a join is only noise)."""
 PROMPT_SLOTS = 4
 """Decoder prompt tokens at most: ``<|sot|> <|lang|> <|task|>`` (+ ``<|notimestamps|>``)."""
 LANGUAGE_TOKEN_PATTERN = r"^<\|[a-z]{2,3}\|>$"

@@ -365,6 +365,10 @@ class Joined:
         """Where each span of each part begins in the window (samples): ``0`` first."""
         return tuple(w0 + s for w0, p in zip(self._offsets(), self.parts) for s in p.piece_starts())
 
+    def part_bounds(self) -> tuple[tuple[int, int], ...]:
+        """Each part's ``(start, end)`` in the window (samples), in order; the gaps lie between them."""
+        return tuple((w0, w0 + p.samples) for w0, p in zip(self._offsets(), self.parts))
+
     def audio(self, audio: np.ndarray) -> np.ndarray:
         """The joined window's samples."""
         return with_gaps([p.audio(audio) for p in self.parts], self.gap)

@@ -57,7 +57,7 @@ class WindowTask:
     attempt: int = 0  # index into Guards.temperatures
     continuation: int = 0
     best: tuple[DecodingResult, float] | None = None  # best failed attempt and its compression ratio
-    alone: bool = False  # never shares an encoder row with other files' windows (a shared row passed it over)
+    alone: bool = False  # decoded in a row of its own: never joined, never in a shared row (one passed it over, or a join failed)
 
     @property
     def samples(self) -> int:
@@ -97,8 +97,9 @@ class WindowHandler(Protocol):
         """
         ...
 
-    def accept_window(self, task: WindowTask, result: DecodingResult, state: FileState) -> WindowTask | None:
-        """Record a window's result in ``state``; return a follow-up (retry or tail) or ``None`` when done."""
+    def accept_window(self, task: WindowTask, result: DecodingResult, state: FileState) -> tuple[WindowTask, ...]:
+        """Record a window's result in ``state``; return its follow-ups (a retry, a tail, or the
+        parts of a joined window to decode alone), ``()`` when the window is done."""
         ...
 
     def finish_file(self, state: FileState) -> FileResult:
@@ -153,7 +154,7 @@ class TranscriptionStream:
         self._queue: list[WindowTask] = []
         self.batch_size = handler.batch_size
         self.done_windows = 0
-        """Windows decoded for good (not counting retries and re-queued tails)."""
+        """Windows decoded for good (a window that left a tail counts; one sent back for a retry does not yet)."""
         self.total_windows = 0
         """Windows known so far: grows with tails, shrinks when short windows are joined."""
 
@@ -216,14 +217,13 @@ class TranscriptionStream:
             if result is None:  # its shared row passed it over: again, alone
                 self._queue.append(replace(task_, alone=True))
                 continue
-            follow_up = self._handler.accept_window(task_, result, state)
-            if follow_up is not None:
-                self._queue.append(follow_up)
-                if follow_up.attempt == 0:  # a tail is a new window; a retry is the same one
-                    self.total_windows += 1
-                continue
-            self.done_windows += 1
-            state.pending -= 1
+            follow_ups = self._handler.accept_window(task_, result, state)
+            self._queue.extend(follow_ups)
+            # a tail or a part decoded again is a new window; a retry is the same one, not yet done
+            self.total_windows += sum(f.attempt == 0 for f in follow_ups)
+            if not any(f.attempt > 0 for f in follow_ups):
+                self.done_windows += 1
+            state.pending += len(follow_ups) - 1
         done = [k for k, s in self._files.items() if s.pending == 0]  # in the order files came
         finished = [(k, self._handler.finish_file(self._files.pop(k))) for k in done]
         if not self._queue:
@@ -283,7 +283,7 @@ def share_encoder_passes(queue: list[WindowTask], files: Mapping[Hashable, FileS
     """
     by_file: dict[Hashable, list[WindowTask]] = defaultdict(list)
     for t in queue:
-        if t.attempt == 0:
+        if t.attempt == 0 and not t.alone:
             by_file[t.file].append(t)
     joined: list[WindowTask] = []
     gone: set[int] = set()
@@ -298,8 +298,7 @@ def share_encoder_passes(queue: list[WindowTask], files: Mapping[Hashable, FileS
             # The freshest part's budget: a part never decoded must not inherit a long tail chain's
             # spent continuations (its audio would be dropped at the cap). Still bounded: each
             # fresh window can renew the budget once.
-            joined.append(WindowTask(file, window, continuation=min(t.continuation for t in parts),
-                                     alone=any(t.alone for t in parts)))
+            joined.append(WindowTask(file, window, continuation=min(t.continuation for t in parts)))
         files[file].pending -= len(tasks) - len(groups)
     if not joined:
         return 0

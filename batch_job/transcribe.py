@@ -31,10 +31,10 @@ import numpy as np
 
 from batch_job.alignment import assign_words, find_alignment
 from batch_job.audio import SAMPLE_RATE
-from batch_job.constants import HOP_LENGTH, NO_SPACE_LANGUAGES, SECONDS_PER_TIMESTAMP
+from batch_job.constants import HOP_LENGTH, JOIN_SLACK_SECONDS, NO_SPACE_LANGUAGES, SECONDS_PER_TIMESTAMP
 from batch_job.engine.decoding import DecodingOptions, DecodingResult, compression_ratio
 from batch_job.result import FileResult, Segment, Transcript, Word
-from batch_job.segment import EncoderWindow
+from batch_job.segment import EncoderWindow, Joined
 from batch_job.settings import Settings
 from batch_job.shared_rows import join_row, split_row
 from batch_job.stream import FileState, Piece, TranscriptionStream, WindowTask
@@ -216,44 +216,54 @@ class Transcriber:
                 files[t.file].timings[k] += v * share
         return results
 
-    def accept_window(self, task: WindowTask, result: DecodingResult, state: FileState) -> WindowTask | None:
-        """Record a window's result; return a follow-up task (retry or tail) or None when done."""
+    def accept_window(self, task: WindowTask, result: DecodingResult, state: FileState) -> tuple[WindowTask, ...]:
+        """Record a window's result; return its follow-ups (a retry, a tail, or its parts again), ``()`` when done."""
         g = self.guards
         text = self.engine.text(result.tokens)
         ratio = compression_ratio(text)
         no_speech = result.no_speech_prob > g.no_speech_threshold and result.avg_logprob < g.logprob_threshold
         if no_speech:
-            return None
+            return ()
         failed = ratio > g.compression_ratio_threshold or result.avg_logprob < g.logprob_threshold
         if failed and task.attempt + 1 < len(g.temperatures):
             best = task.best
             if best is None or ratio < best[1]:
                 best = (result, ratio)
-            return replace(task, attempt=task.attempt + 1, best=best)
+            return (replace(task, attempt=task.attempt + 1, best=best),)
         if failed and task.best is not None and task.best[1] < ratio:
             result, ratio = task.best
-        segments, consumed = self._segments(result, task)
+        spans, consumed = self._split_by_timestamps(result, task)
+        crossing = _first_join_crossing(task.window, spans)
+        if crossing is not None:
+            resume = int(round(spans[crossing].start * SAMPLE_RATE))
+            if resume <= 0 or not any(s.tokens for s in spans[:crossing]):
+                # The window's first segment ran across a join: nothing of it can be placed.
+                # Each part is decoded again in a row of its own, never joined again.
+                assert isinstance(task.window, Joined)
+                return tuple(WindowTask(task.file, part, continuation=task.continuation, alone=True)
+                             for part in task.window.parts)
+            spans, consumed = spans[:crossing], resume
+        segments, consumed = self._segments(result, task, spans, consumed)
         if ratio > g.compression_ratio_threshold:
             segments = _drop_repeats(segments)
         state.segments.extend(segments)
         state.languages.append(result.language)
         tail = task.window.tail(consumed) if consumed > 0 else None
         if tail is None:
-            return None
+            return ()
         if consumed in task.window.piece_starts()[1:]:
             # Decoding resumes at a piece nothing was decoded from (_resume_at_unheard_piece):
             # always go on, whatever its length and the continuation budget (each such tail
             # drops at least one piece, so this ends).
-            state.pending += 1
-            return WindowTask(task.file, tail, continuation=task.continuation)
-        if tail.samples >= g.min_tail_seconds * SAMPLE_RATE and task.continuation < g.max_continuations:
-            state.pending += 1
-            return WindowTask(task.file, tail, continuation=task.continuation + 1)
-        return None
+            return (WindowTask(task.file, tail, continuation=task.continuation),)
+        if crossing is not None or (tail.samples >= g.min_tail_seconds * SAMPLE_RATE
+                                    and task.continuation < g.max_continuations):
+            return (WindowTask(task.file, tail, continuation=task.continuation + 1),)
+        return ()
 
-    def _segments(self, result: DecodingResult, task: WindowTask) -> tuple[list[Piece], int]:
-        """Timestamp tokens -> segments in file seconds; also the window sample up to which it is consumed."""
-        spans, consumed = self._split_by_timestamps(result, task)
+    def _segments(self, result: DecodingResult, task: WindowTask, spans: Sequence[_Span],
+                  consumed: int) -> tuple[list[Piece], int]:
+        """Decoded spans -> segments in file seconds; also the window sample up to which it is consumed."""
         window = task.window
         consumed = _resume_at_unheard_piece(window, spans, consumed)
         words = self._word_times(result, task, spans) if result.alignment is not None else None
@@ -360,6 +370,27 @@ class Transcriber:
             transcript = self.diarizer.label(transcript, state.audio)
             transcript = replace(transcript, timings={**transcript.timings, "diarize": round(time.perf_counter() - t0, 4)})
         return FileResult(state.name, transcript, None)
+
+
+def _first_join_crossing(window: EncoderWindow, spans: Sequence[_Span]) -> int | None:
+    """Index of the first span of a joined window that ran across a join, or None.
+
+    The parts of a :class:`~batch_job.segment.Joined` window lie far apart in the file; a segment
+    that overlaps two of them by more than ``JOIN_SLACK_SECONDS`` each holds text of both, and
+    placed in one part (:meth:`~batch_job.segment.Joined.place`) it would drop the other's text
+    from the file's timeline. Spans without text are passed over.
+    """
+    if not isinstance(window, Joined):
+        return None
+    slack = JOIN_SLACK_SECONDS * SAMPLE_RATE
+    bounds = window.part_bounds()
+    for i, span in enumerate(spans):
+        if not span.tokens:
+            continue
+        a, b = span.start * SAMPLE_RATE, span.end * SAMPLE_RATE
+        if sum(min(b, end) - max(a, start) > slack for start, end in bounds) > 1:
+            return i
+    return None
 
 
 def _resume_at_unheard_piece(window: EncoderWindow, spans: Sequence[_Span], consumed: int) -> int:

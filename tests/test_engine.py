@@ -137,10 +137,10 @@ def test_repetition_loop_is_redecoded_then_cut():
         looping += [ts(i), 1, ts(i + 1)]
     state = FileState(name="x", audio=np.zeros(16000 * 20, np.float32), pending=1)
     task = WindowTask(file=0, window=Packed(((0, 16000 * 20),)))
-    retry = tr.accept_window(task, _result(looping), state)
-    assert retry is not None and retry.attempt == 1 and state.segments == []
+    (retry,) = tr.accept_window(task, _result(looping), state)
+    assert retry.attempt == 1 and state.segments == []
     # Still looping at the last temperature: keep it, but cut consecutive repeats.
-    assert tr.accept_window(retry, _result(looping), state) is None
+    assert tr.accept_window(retry, _result(looping), state) == ()
     assert [s[2] for s in state.segments] == ["the same words again and again"]
 
 
@@ -149,7 +149,7 @@ def test_no_speech_window_is_dropped():
     tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
     state = FileState(name="x", audio=np.zeros(16000 * 5, np.float32), pending=1)
     out = tr.accept_window(WindowTask(0, Packed(((0, 16000 * 5),))), _result([1002, 1, 1100], logprob=-1.5, no_speech=0.9), state)
-    assert out is None and state.segments == []
+    assert out == () and state.segments == []
 
 
 def test_unconsumed_tail_is_requeued():
@@ -158,8 +158,8 @@ def test_unconsumed_tail_is_requeued():
     tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
     state = FileState(name="x", audio=np.zeros(16000 * 30, np.float32), pending=1)
     toks = [1002, 1, 1002 + 250, 1002 + 250]  # "hello" 0-5 s, then a new segment starts at 5 s and stops
-    follow = tr.accept_window(WindowTask(0, Packed(((0, 16000 * 30),))), _result(toks), state)
-    assert follow is not None and follow.window.spans == ((5 * 16000, 30 * 16000),)
+    (follow,) = tr.accept_window(WindowTask(0, Packed(((0, 16000 * 30),))), _result(toks), state)
+    assert follow.window.spans == ((5 * 16000, 30 * 16000),)
     assert state.segments[0][:3] == (0.0, 5.0, "hello")
 
 
@@ -173,15 +173,15 @@ def test_pieces_after_the_decoded_text_are_decoded_again(continuation):
     state = FileState(name="x", audio=np.zeros(sr * 40, np.float32), pending=1)
     window = Packed(((0, 5 * sr), (20 * sr, 20 * sr + sr // 2), (30 * sr, 31 * sr)), gap=sr // 2)  # 5 s, 0.5 s, 1 s
     toks = [1002, 1, 1002 + 240]  # "hello" 0-4.8 s, then <|endoftext|>: "the window is done"
-    follow = tr.accept_window(WindowTask(0, window, continuation=continuation), _result(toks), state)
-    assert follow is not None and follow.window.spans == window.spans[1:]
-    assert follow.continuation == continuation and state.pending == 2
+    (follow,) = tr.accept_window(WindowTask(0, window, continuation=continuation), _result(toks), state)
+    assert follow.window.spans == window.spans[1:]
+    assert follow.continuation == continuation
     assert state.segments[0][:3] == (0.0, 4.8, "hello")
     # the model now reads the 0.5 s piece (0-0.5 s of the tail) and stops: the 1 s piece goes on
-    again = tr.accept_window(follow, _result([1002, 1, 1002 + 25]), state)
-    assert again is not None and again.window.spans == window.spans[2:]
+    (again,) = tr.accept_window(follow, _result([1002, 1, 1002 + 25]), state)
+    assert again.window.spans == window.spans[2:]
     # text running into the last piece ends it: nothing is left unheard
-    assert tr.accept_window(again, _result([1002, 1, 1002 + 50]), state) is None
+    assert tr.accept_window(again, _result([1002, 1, 1002 + 50]), state) == ()
     assert [seg[0] for seg in state.segments] == [0.0, 20.0, 30.0]
 
 
@@ -191,7 +191,7 @@ def test_a_window_read_to_its_last_piece_is_done():
     state = FileState(name="x", audio=np.zeros(sr * 40, np.float32), pending=1)
     window = Packed(((0, 5 * sr), (20 * sr, 24 * sr)), gap=sr // 2)  # the second piece starts at 5.5 s
     toks = [1002, 1, 1002 + 250, 1002 + 250, 1, 1002 + 470]  # two segments, the second inside piece two
-    assert tr.accept_window(WindowTask(0, window), _result(toks), state) is None
+    assert tr.accept_window(WindowTask(0, window), _result(toks), state) == ()
     assert [seg[2] for seg in state.segments] == ["hello", "hello"]
 
 
@@ -258,6 +258,76 @@ def test_tails_of_distant_windows_share_one_encoder_pass():
     assert starts == sorted(starts) and len(starts) == 4
     assert 14 <= starts[1] <= 16 and 39 <= starts[2] <= 41 and 54 <= starts[3] <= 56
     assert all(s.end <= n.start for s, n in zip(t.segments, t.segments[1:]))
+
+
+def _two_part_window(sr=16000):
+    """A joined window of two distant stretches: 0-6 s of the file, then 100-106 s (at 6.4 s)."""
+    return join_windows([Packed(((0, 6 * sr),), gap=sr * 2 // 5), Packed(((100 * sr, 106 * sr),), gap=sr * 2 // 5)])
+
+
+def test_a_segment_across_a_join_is_decoded_again_from_where_it_starts():
+    """Segment two runs from part one into part two: only segment one is kept, and decoding goes
+    on where segment two began (part two is never lost to part one's timeline)."""
+    ts = lambda s: 1002 + int(round(s / 0.02))  # noqa: E731
+    tr = Transcriber(_FakeEngine({1: " hello", 2: " across"}), settings=None)  # type: ignore[arg-type]
+    state = FileState(name="x", audio=np.zeros(16000 * 120, np.float32), pending=1)
+    window = _two_part_window()
+    toks = [ts(0), 1, ts(3), ts(3), 2, ts(9), ts(9), 1, ts(12)]
+    (follow,) = tr.accept_window(WindowTask(0, window), _result(toks), state)
+    assert [p[:3] for p in state.segments] == [(0.0, 3.0, "hello")]
+    assert follow.attempt == 0 and follow.window.start == 3 * 16000
+    assert [p.spans for p in follow.window.parts] == [((3 * 16000, 6 * 16000),), ((100 * 16000, 106 * 16000),)]
+
+
+def test_a_first_segment_across_a_join_sends_each_part_back_alone():
+    """Nothing can be placed when the window's first segment spans the join: each part is decoded
+    again in a row of its own, and the queue never joins them again."""
+    from batch_job.stream import share_encoder_passes
+
+    ts = lambda s: 1002 + int(round(s / 0.02))  # noqa: E731
+    tr = Transcriber(_FakeEngine({1: " hello"}), settings=None)  # type: ignore[arg-type]
+    state = FileState(name="x", audio=np.zeros(16000 * 120, np.float32), pending=1)
+    window = _two_part_window()
+    follow = tr.accept_window(WindowTask(0, window, continuation=2), _result([ts(1), 1, ts(10)]), state)
+    assert state.segments == []
+    assert [t.window for t in follow] == list(window.parts)
+    assert all(t.alone and t.attempt == 0 and t.continuation == 2 for t in follow)
+    queue = list(follow)
+    assert share_encoder_passes(queue, {0: state}) == 0 and len(queue) == 2
+    # a timestamp straying less than JOIN_SLACK_SECONDS across the join is only noise
+    state = FileState(name="x", audio=np.zeros(16000 * 120, np.float32), pending=1)
+    assert tr.accept_window(WindowTask(0, window), _result([ts(1), 1, ts(6.7), ts(6.7), 1, ts(12.4)]), state) == ()
+    assert [p[:2] for p in state.segments] == [(1.0, 6.0), (100.3, 106.0)]
+
+
+def test_a_file_with_tails_finishes_while_other_files_still_decode():
+    """A file is handed back as soon as its last window (tails included) is decoded, not when the
+    whole queue runs dry: the server answers a request while others go on."""
+    from batch_job.stream import TranscriptionStream
+
+    rng = np.random.default_rng(1)
+    engine = _ScriptedEngine()
+    engine.max_batch = 2
+    tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
+    stream = TranscriptionStream(tr, order="fair")  # the server's order: each file a row per batch
+
+    def stretches(n: int, seconds: int) -> np.ndarray:  # n stretches of "speech", 15 s of silence after each
+        audio = np.zeros(16000 * (seconds + 15) * n, np.float32)
+        for i in range(n):
+            start = 16000 * (seconds + 15) * i
+            audio[start : start + 16000 * seconds] = rng.normal(0, 0.1, 16000 * seconds)
+        return audio
+
+    assert stream.add("short", "short", stretches(1, 25), DecodingOptions()) is None  # one window and its tail
+    assert stream.add("long", "long", stretches(8, 15), DecodingOptions()) is None  # eight windows, no tails
+    finished_at: dict[str, int] = {}
+    for step in range(100):
+        done, report = stream.step()
+        finished_at.update({key: step for key, _ in done})
+        if report is None:
+            break
+    assert finished_at["short"] < finished_at["long"]
+    assert stream.done_windows == stream.total_windows
 
 
 def test_finish_cuts_a_segment_that_runs_past_the_next_one():

@@ -102,7 +102,7 @@ class _FakeTranscriber:
         return [DecodingResult((), "en", 0.0, 0.0, 0.0, False) for _ in tasks]
 
     def accept_window(self, task, result, state):
-        return None
+        return ()
 
     def finish_file(self, state):
         return FileResult(state.name, Transcript(text=state.name, language="en", duration=len(state.audio) / SR,
