@@ -85,16 +85,19 @@ def normalize_etag(etag: str | None) -> str:
 
 
 def aws_client(service: str = "s3", max_attempts: int = 5, *, max_pool_connections: int | None = None,
-               endpoint_url: str | None = None):
+               endpoint_url: str | None = None, signature_version: str | None = None):
     """A boto3 client with botocore's *standard* retry mode (5xx, throttling, timeouts).
 
     ``max_pool_connections``: for a client shared by that many threads (botocore's default is 10).
+    ``signature_version``: e.g. ``"s3v4"`` for a client whose presigned URLs must be SigV4.
     """
     import boto3
     from botocore.config import Config
 
-    pool = {} if max_pool_connections is None else {"max_pool_connections": max_pool_connections}
-    config = Config(retries={"mode": "standard", "max_attempts": max(1, int(max_attempts))}, **pool)
+    extra: dict[str, Any] = {} if max_pool_connections is None else {"max_pool_connections": max_pool_connections}
+    if signature_version:
+        extra["signature_version"] = signature_version
+    config = Config(retries={"mode": "standard", "max_attempts": max(1, int(max_attempts))}, **extra)
     return boto3.client(service, config=config, endpoint_url=endpoint_url or None)
 
 

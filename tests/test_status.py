@@ -44,3 +44,30 @@ def test_cli_json_and_bad_uri(bucket, capsys):
     assert report["done"] == 3 and report["pending"] == 2 and report["failures"]["corrupt_audio"]["count"] == 1
     assert main(["status", "not-a-uri"]) == 2
     assert main(["status", "s3://no-such-bucket/out/"]) == 2
+
+
+def test_marker_gone_between_listing_and_get_is_skipped(bucket, monkeypatch):
+    from batch_job.status import reader
+
+    listed = list(reader.list_keys(bucket, "status-b", "out/"))
+    monkeypatch.setattr(reader, "list_keys", lambda *a, **k: iter([*listed, "out/in/gone.wav.error.json"]))
+    s = summarize(reader.read_markers(bucket, "status-b", "out/", threads=2))
+    assert (s.done, s.failed) == (3, 1) and "in/gone.wav" not in s.failures.get("corrupt_audio", [])
+
+
+def test_presigned_path_and_its_fallback_read_the_same_bodies(bucket, monkeypatch):
+    from batch_job.status import reader
+
+    client = reader.s3_client(2)
+    client.put_object(Bucket="status-b", Key="out/in/sp ace+é.wav.json", Body=b'{"job": {}}')
+    getter = reader.MarkerGetter(client)
+    assert getter._fast("status-b", "out/in/sp ace+é.wav.json").status_code == 200
+    fast = getter.body("status-b", "out/in/sp ace+é.wav.json")
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise ConnectionError("endpoint down")
+    monkeypatch.setattr(getter, "_fast", broken)
+    assert getter.body("status-b", "out/in/sp ace+é.wav.json") == fast == b'{"job": {}}' and calls
+    assert getter.body("status-b", "out/in/nothing.json") is None
