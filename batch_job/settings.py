@@ -59,9 +59,11 @@ class Settings:
     """CPU only: the encoder's compute dtype, ``float32`` or ``bfloat16``; ``auto`` = bfloat16 where
     the CPU multiplies bf16 natively (AVX512-BF16 / AMX, as oneDNN reports), else float32."""
     share_rows: bool = False
-    """Opt-in (measured, not yet the default): short windows of different files share one encoder row (one 30 s encoder pass for several
-    short files; docs/engine.md). Only with a known language (fixed, or an English-only model) and
-    without word timestamps; the server never shares rows between requests."""
+    """Short windows of different files share one encoder row (one 30 s encoder pass for several
+    short files; docs/engine.md). On by default for Batch jobs (``run-job``, so packs and local
+    mode: :meth:`for_batch_job`), off elsewhere (``transcribe``); the server never shares rows
+    between requests. Only with a known language (fixed, or an English-only model) and without
+    word timestamps."""
     word_timestamps: bool = False
     """Word-level timestamps (``segments[].words`` in the JSON; subtitle cues timed by word). The step
     graphs also return the alignment heads' attention; on Neuron the graphs must be compiled with
@@ -163,6 +165,15 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    @classmethod
+    def for_batch_job(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """:meth:`from_env` with a Batch job's own defaults (:data:`BATCH_JOB_DEFAULTS`) where the
+        environment sets none of those variables: ``WHISPER_BATCH_SHARE_ROWS=0`` still turns
+        shared rows off for a job."""
+        env = os.environ if environ is None else environ
+        defaults = {k: v for k, v in BATCH_JOB_DEFAULTS.items() if ENV_PREFIX + k.upper() not in env}
+        return cls.from_env(env, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
     def replace(self, **changes: Any) -> Settings:
         """A copy with the given fields changed; ``None`` values are ignored (unset CLI flags)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -170,6 +181,11 @@ class Settings:
     @property
     def format_list(self) -> tuple[str, ...]:
         return tuple(f.strip().lower() for f in self.formats.split(",") if f.strip())
+
+
+BATCH_JOB_DEFAULTS: dict[str, Any] = {"share_rows": True}
+"""Defaults of ``run-job`` that differ from :class:`Settings`' own: shared encoder rows (many short
+files per pack; 40 clips end to end 15.2 s with them, 16.1 s without, docs/benchmarks.md)."""
 
 
 def _coerce(name: str, raw: str, type_name: Any) -> Any:

@@ -610,6 +610,26 @@ def test_cli_plain_job_and_config_errors(aws, cli_env, capsys):
     capsys.readouterr()
 
 
+def test_batch_jobs_share_encoder_rows_by_default_and_the_env_turns_it_off(aws, cli_env, capsys):
+    """run-job (packs, local mode) shares short files' encoder rows unless WHISPER_BATCH_SHARE_ROWS
+    says otherwise; everything else (transcribe, serve) keeps Settings' default, off."""
+    from batch_job import cli
+    from batch_job.job import pack
+
+    seen = []
+    cli_env.setattr(pack, "load_transcriber", lambda settings: seen.append(settings) or StandIn())
+    upload(aws, "one.flac", shared_clip("ljspeech_LJ001-0002.flac"))
+    assert cli.main(["run-job", "--input", f"s3://{IN}/one.flac", "--output", f"s3://{OUT}/{PREFIX}"]) == 0
+    cli_env.setenv("WHISPER_BATCH_SHARE_ROWS", "0")
+    assert cli.main(["run-job", "--input", f"s3://{IN}/one.flac", "--output", f"s3://{OUT}/{PREFIX}x/"]) == 0
+    assert [s.share_rows for s in seen] == [True, False]
+    assert Settings.for_batch_job({}).share_rows is True
+    assert Settings.for_batch_job({"WHISPER_BATCH_SHARE_ROWS": "off"}).share_rows is False
+    assert Settings.for_batch_job({}, share_rows=False).share_rows is False  # an explicit override wins
+    assert Settings.from_env({}).share_rows is False  # transcribe and serve
+    capsys.readouterr()
+
+
 def test_error_marker_is_tagged_for_lifecycle_expiry(aws, settings):
     """docs/deploy.md: error markers carry whisper-batch:marker=error (lifecycle expires them)."""
     upload(aws, "empty.wav", b"")

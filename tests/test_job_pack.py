@@ -260,3 +260,23 @@ def test_truncated_wav_decodes_what_is_there_with_a_warning(tmp_path):
     assert warning.code == "truncated_audio" and "6.00 s" in warning.message and "3.00 s" in warning.message
     assert decode_audio(whole).warnings == ()
     np.testing.assert_array_equal(load_audio(cut), decoded.samples)
+
+
+def test_a_pack_with_shared_encoder_rows_keeps_each_objects_text_with_it(aws, settings, model_cache_dir):
+    """run-job's default (Settings.for_batch_job: share_rows on): short objects of one pack share
+    encoder rows, and every marker still holds its own object's words and nobody else's."""
+    from batch_job.settings import Settings
+    from batch_job.transcribe import Transcriber
+
+    shared = Transcriber.load(Settings.for_batch_job({}, model="tiny.en", cache_dir=str(model_cache_dir)))
+    assert shared.settings.share_rows and shared.shares_rows(shared.options())
+    keys = [f"s/{c}" for c in CLIPS]
+    for key, clip in zip(keys, CLIPS, strict=True):
+        upload(aws, key, shared_clip(clip))
+    result, _ = run(aws, keys, settings, transcriber=shared)
+    assert result.exit_code == 0 and [r.status for r in result.objects] == ["succeeded"] * 3
+    texts = {c: get_json(aws, f"{PREFIX}s/{c}.json")["text"].lower() for c in CLIPS}
+    assert "modern" in texts["ljspeech_LJ001-0002.flac"] and "americans" not in texts["ljspeech_LJ001-0002.flac"]
+    assert "fellow americans" in texts["jfk.flac"] and "modern" not in texts["jfk.flac"]
+    assert "wizard" in texts["librispeech_61-70968-0000.flac"]
+    assert "americans" not in texts["librispeech_61-70968-0000.flac"]

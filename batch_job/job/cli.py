@@ -61,9 +61,9 @@ def _run_command(args: argparse.Namespace) -> int:
     context = JobContext.from_env()
     log = JsonLog(job_id=context.job_id, attempt=context.attempt)
     try:
-        settings = Settings.from_env().replace(model=args.model, language=args.language, task=args.task,
-                                               formats=args.formats, input_uri=args.input,
-                                               output_uri=args.output, manifest_uri=args.manifest)
+        settings = Settings.for_batch_job().replace(model=args.model, language=args.language, task=args.task,
+                                                    formats=args.formats, input_uri=args.input,
+                                                    output_uri=args.output, manifest_uri=args.manifest)
     except (ValueError, TypeError) as exc:
         log("failed", level="error", reason="config_error", message=str(exc), exit_code=exit_codes.CONFIG_ERROR)
         return exit_codes.CONFIG_ERROR
