@@ -6,6 +6,8 @@ measures in one run, with the same weights, the same audio and the same thread c
 
 * ``ours``: :class:`batch_job.transcribe.Transcriber` with default settings (CPU, int8 decoder),
   ``transcribe_many`` over all files, so windows are batched ACROSS files (a design advantage);
+* ``ours-shared``: the same with ``Settings.for_batch_job`` (what ``run-job`` runs: short windows
+  of different files share one encoder row, ``share_rows``);
 * ``ours-words``: the same with ``word_timestamps=True`` (the cost of word timing: alignment-head
   attention recorded per step, then median filter + DTW per segment);
 * ``fw``: faster-whisper ``WhisperModel(ct2_dir, device="cpu", compute_type="int8")``,
@@ -51,9 +53,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Throughput and accuracy (engine)"
-SYSTEMS = ("ours", "ours-words", "fw", "fw-batched", "hf")
+SYSTEMS = ("ours", "ours-shared", "ours-words", "fw", "fw-batched", "hf")
 SYSTEM_LABELS = {
     "ours": "ours (Transcriber, int8 decoder)",
+    "ours-shared": "ours, shared encoder rows (run-job's default)",
     "ours-words": "ours, --word-timestamps",
     "fw": "faster-whisper int8, sequential",
     "fw-batched": "faster-whisper int8, BatchedInferencePipeline",
@@ -83,12 +86,13 @@ def _current_rss_mb() -> float:
         return float("nan")
 
 
-def _load_ours(spec: dict, word_timestamps: bool) -> Any:
+def _load_ours(spec: dict, word_timestamps: bool, batch_job: bool = False) -> Any:
     from batch_job.settings import Settings
     from batch_job.transcribe import Transcriber
 
-    # from_env: WHISPER_BATCH_* knobs (e.g. WHISPER_BATCH_QUANTIZE_DECODER=0) can be compared.
-    settings = Settings.from_env(
+    # from_env: WHISPER_BATCH_* knobs (e.g. WHISPER_BATCH_QUANTIZE_DECODER=0) can be compared;
+    # for_batch_job: what run-job runs (shared encoder rows on unless WHISPER_BATCH_SHARE_ROWS says no).
+    settings = (Settings.for_batch_job if batch_job else Settings.from_env)(
         model=spec["model"],
         cache_dir=spec["cache_dir"],
         device="cpu",
@@ -176,8 +180,8 @@ def child_main(spec_path: str) -> int:
     system = spec["system"]
     sys.path.insert(0, str(REPO))
     t0 = time.perf_counter()
-    if system in ("ours", "ours-words"):
-        run = _load_ours(spec, word_timestamps=system == "ours-words")
+    if system in ("ours", "ours-shared", "ours-words"):
+        run = _load_ours(spec, word_timestamps=system == "ours-words", batch_job=system == "ours-shared")
     elif system in ("fw", "fw-batched"):
         run = _load_fw(spec, batched=system == "fw-batched")
     elif system == "hf":
@@ -319,6 +323,51 @@ def build_long_file(clips: list[dict], cache_dir: Path) -> dict:
     }
 
 
+# The odd-formats corpus: (name, sample rate, channels, soundfile format, subtype, suffix). Every
+# English clip becomes one of these in turn, so each format holds a fifth of the voices.
+ODD_FORMATS = (
+    ("wav-8k-u8", 8000, 1, "WAV", "PCM_U8", ".wav"),        # telephone band, 8-bit unsigned
+    ("wav-48k-6ch", 48000, 6, "WAV", "PCM_16", ".wav"),     # 5.1: speech in C, quieter in L/R/surround
+    ("flac-44k-stereo", 44100, 2, "FLAC", "PCM_24", ".flac"),  # L/R at different levels
+    ("mp3-22k", 22050, 1, "MP3", "MPEG_LAYER_III", ".mp3"),
+    ("ogg-32k-stereo", 32000, 2, "OGG", "VORBIS", ".ogg"),
+)
+_CHANNEL_GAINS = {1: (1.0,), 2: (0.9, 0.5), 6: (0.5, 0.5, 1.0, 0.0, 0.3, 0.3)}
+
+
+def build_odd_corpus(clips: list[dict], cache_dir: Path) -> list[dict]:
+    """Each clip re-encoded (from its 16 kHz decode) into one of :data:`ODD_FORMATS`, round robin,
+    cached under ``<cache>/bench-audio/odd-<key>/``; manifest rows with a ``format`` field."""
+    import numpy as np
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    key = hashlib.sha256(json.dumps([[c["audio"], os.path.getsize(c["path"])] for c in clips]
+                                    + [list(map(list, ODD_FORMATS))]).encode()).hexdigest()[:12]
+    out_dir = cache_dir / "bench-audio" / f"odd-{len(clips)}clips-{key}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    audio_lib = None
+    for i, c in enumerate(clips):
+        name, rate, channels, fmt, subtype, suffix = ODD_FORMATS[i % len(ODD_FORMATS)]
+        out = out_dir / f"{Path(c['audio']).stem}.{name}{suffix}"
+        if not out.is_file():
+            if audio_lib is None:
+                from batch_job import audio as audio_lib
+            mono = audio_lib.load_audio(c["path"])
+            from math import gcd
+
+            g = gcd(rate, SAMPLE_RATE)
+            resampled = resample_poly(mono, rate // g, SAMPLE_RATE // g).astype(np.float32)
+            gains = np.asarray(_CHANNEL_GAINS[channels], np.float32)
+            data = np.clip(resampled[:, None] * gains[None, :], -1.0, 1.0)
+            tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{suffix}")
+            sf.write(tmp, data if channels > 1 else data[:, 0], rate, format=fmt, subtype=subtype)
+            os.replace(tmp, out)
+        rows.append({**c, "audio": out.name, "path": str(out), "format": name})
+    return rows
+
+
 def error_rates(rows: list[dict], multilingual: bool) -> dict[str, Any]:
     """Pooled WER/CER over the set: {'en': {...}, 'other': {...}, 'cjk': {...}}."""
     import jiwer
@@ -422,6 +471,18 @@ def render_notes(meta: dict) -> str:
             "(English only: faster-whisper detects the language once per file, so a mixed-language "
             "file would measure language-detection policy, not throughput)."
         )
+    if "odd" in meta["sets"]:
+        odd = meta["sets"]["odd"]
+        notes.append(
+            f"- odd: the same {odd['files']} English clips ({odd['seconds']:.1f} s), each re-encoded from its 16 kHz "
+            "decode into one format in turn (soundfile/libsndfile, no ffmpeg here; cached under "
+            "`<cache>/bench-audio/odd-*`): "
+            + ", ".join(f"{name} {n}" for name, n in odd["formats"].items())
+            + " (8 kHz 8-bit unsigned WAV; 6-channel 48 kHz WAV with the speech in C and quieter in L/R/surround; "
+            "44.1 kHz 24-bit stereo FLAC; 22.05 kHz mono MP3; 32 kHz stereo Ogg Vorbis). Every system decodes "
+            "them itself (ours: soundfile, block by block, down-mix and resample; faster-whisper: PyAV), "
+            "inside the timed region."
+        )
     notes += [
         "- audio-s / wall-s: audio seconds / transcription wall seconds, audio decoding included; "
         "model load (imports + weights, `load s`) and a one-clip warm-up excluded. Each system and set "
@@ -429,6 +490,9 @@ def render_notes(meta: dict) -> str:
         "- ours: `Transcriber.transcribe_many` over all files of the set: windows are batched ACROSS "
         "files (a design advantage of the engine, used on purpose). Greedy, timestamps, temperature "
         "fallback, no conditioning on previous text.",
+        "- ours, shared encoder rows: the same with `Settings.for_batch_job` (run-job's settings: "
+        "`share_rows` on, short windows of different files share one 30 s encoder row, text dealt back by "
+        "timestamp); its `ours ÷ system` below 1.00 is the gain.",
         "- ours, --word-timestamps: the same with `word_timestamps=True` (step graphs also return the "
         "alignment heads' attention; median filter + DTW per segment). Its `ours ÷ system` is the cost of "
         "word timing: 1.15 would be 15% slower"
@@ -451,10 +515,10 @@ def render_notes(meta: dict) -> str:
     return "\n".join(notes)
 
 
-def write_docs(section: str) -> None:
+def write_docs(section: str, heading: str = SECTION) -> None:
     text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n"
     # Up to the next heading of level 2 or 3: the hand-written analysis under "###" is kept.
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^##?# |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^##?# |\Z)", re.S | re.M)
     block = section.rstrip() + "\n\n"
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text, count=1)
@@ -475,9 +539,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="first N eligible clips only (smoke runs)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     p.add_argument("--no-long", action="store_true", help="skip the long concatenated file")
+    p.add_argument("--no-odd", action="store_true",
+                   help="skip the odd-formats corpus (the clips as 8 kHz u8 WAV, 6-channel 48 kHz WAV, "
+                        "stereo FLAC, MP3, stereo Ogg Vorbis)")
+    p.add_argument("--docs-section", default=SECTION,
+                   help="heading --write-docs replaces (default %(default)r; a subset of systems can go to its own)")
     p.add_argument("--no-warmup", action="store_true", help="no one-clip warm-up before timing")
     p.add_argument("--json", metavar="OUT", help="write raw results (with per-file hypotheses) here")
-    p.add_argument("--write-docs", action="store_true", help=f"replace/insert '{SECTION}' in docs/benchmarks.md")
+    p.add_argument("--write-docs", action="store_true", help="replace/insert --docs-section in docs/benchmarks.md")
     p.add_argument("--cache-dir", help="converted checkpoints, joined CT2 dir, long FLAC (default: Settings().cache_dir)")
     p.add_argument("--ct2-dir", help="CTranslate2 model dir for faster-whisper (default: from the packaged model)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -531,6 +600,17 @@ def main(argv: list[str] | None = None) -> int:
             long_row = build_long_file(english, cache_dir)
             sets["long"] = [long_row]
             meta_sets["long"] = {"files": 1, "seconds": long_row["seconds"], "clips": len(english), "path": long_row["path"]}
+    if not args.no_odd:
+        english = [r for r in eligible if r["language"] == "en"]
+        if english:
+            print(f"building the odd-formats corpus from {len(english)} English clips (cached) ...", flush=True)
+            odd_rows = build_odd_corpus(english, cache_dir)
+            sets["odd"] = odd_rows
+            counts: dict[str, int] = {}
+            for r in odd_rows:
+                counts[r["format"]] = counts.get(r["format"], 0) + 1
+            meta_sets["odd"] = {"files": len(odd_rows), "seconds": sum(r["seconds"] for r in odd_rows),
+                                "formats": counts}
     warm_clip = min(eligible[: max(1, min(len(eligible), 10))], key=lambda r: abs(r["seconds"] - 5.0))
     warmup = None if args.no_warmup else {"name": "warmup", "path": warm_clip["path"]}
 
@@ -617,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         m = machine
         section = "\n".join([
-            SECTION,
+            args.docs_section,
             "",
             f"Our engine against faster-whisper and the transformers pipeline on the real speech in "
             f"`../shared/audio`, CPU, model `{args.model}`. Measured {meta['date']} on {m['nproc']} usable cores "
@@ -633,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             notes,
         ])
-        write_docs(section)
+        write_docs(section, args.docs_section)
         print(f"updated {DOCS.relative_to(REPO)}")
     return 0 if all("error" not in r for r in results) else 1
 
