@@ -15,6 +15,12 @@ pack or array job, and a summary.
   element's job id (``<array job id>:<index>``) after, so the handler (or a re-run) will not
   submit it again; a failed submit releases the claims.
 
+With ``--failed-only``, only objects whose error marker says a retryable or fixed failure are
+submitted again (:mod:`submitter.failed`); the others print ``skipped`` with the reason, and the
+COMPLETED idempotency record of each object run again is deleted first when it names the job that
+failed, so the claim is not a ``duplicate``; one naming a later job (already submitted again,
+not run yet) leaves the object ``skipped`` (``already_resubmitted``).
+
 The manifest contract is the handler's (:mod:`submitter.manifest`, docs/submitter.md).
 
 Settings come from the same environment variables as the handler; every one can be given as
@@ -71,6 +77,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--array-threshold", type=int, default=DEFAULT_ARRAY_THRESHOLD,
                    help="above this many objects, submit array jobs whose elements are packs (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="list and apply the rules, submit nothing")
+    p.add_argument("--failed-only", action="store_true",
+                   help="submit only objects whose error marker says a retryable (exit 75/70) or fixed "
+                        "(exit 78) failure; skip done, bad-input (exit 65) and never-failed objects")
     for flag, dest, env in _FLAGS:
         p.add_argument(flag, dest=dest, default=None, help=f"default: ${env}")
     p.set_defaults(func=run)
@@ -98,6 +107,7 @@ def run(args: argparse.Namespace, *, clients: Clients | None = None, out: TextIO
         return EXIT_CONFIG
     return BulkSubmit(settings, clients, out=out).run(
         bucket, prefix, array_threshold=args.array_threshold, dry_run=args.dry_run,
+        failed_only=getattr(args, "failed_only", False),
     )
 
 
@@ -116,6 +126,7 @@ class BulkSubmit:
         self.out = out or sys.stdout
         self.counts: Counter = Counter()
         self.skip_reasons: Counter = Counter()
+        self.redo: Counter = Counter()  # --failed-only: "<kind>:<failure>" of the objects run again
         self.jobs = 0
 
     def say(self, status: str, uri: str, detail: str = "") -> None:
@@ -151,8 +162,10 @@ class BulkSubmit:
 
     # -- submission --------------------------------------------------------------------------------
     def run(self, bucket: str, prefix: str, *, array_threshold: int = DEFAULT_ARRAY_THRESHOLD,
-            dry_run: bool = False) -> int:
+            dry_run: bool = False, failed_only: bool = False) -> int:
         todo = self.candidates(bucket, prefix)
+        if failed_only:
+            todo = self.failed_ones(bucket, prefix, todo, dry_run=dry_run)
         if dry_run:
             self.dry_run(todo)
         elif len(todo) > array_threshold:
@@ -161,6 +174,30 @@ class BulkSubmit:
             self.report_jobs(self.submitter.submit_packs(todo))
         self.summary()
         return EXIT_FAILED if self.counts["failed"] else 0
+
+    def failed_ones(self, bucket: str, prefix: str, todo: list[ObjectRef], *, dry_run: bool) -> list[ObjectRef]:
+        """``--failed-only``: the objects whose markers say to run them again, their COMPLETED
+        idempotency records deleted (not in a dry run); every other object is ``skipped``."""
+        from submitter.failed import ALREADY_RESUBMITTED, MarkerIndex
+        from submitter.jobs import FAILED, Outcome, describe_error
+
+        again = []
+        for obj, verdict in MarkerIndex(self.clients.s3, bucket, self.settings.output_prefix, prefix).verdicts(todo):
+            if not verdict.redo:
+                self._skipped(obj, verdict.why, verdict.detail())
+                continue
+            if not dry_run:
+                try:
+                    later = self.submitter.reopen(obj, verdict.job_id)
+                except Exception as exc:  # noqa: BLE001 - DynamoDB down: this object is retried
+                    self.report(Outcome(obj, FAILED, error=describe_error(exc)))
+                    continue
+                if later is not None:
+                    self._skipped(obj, ALREADY_RESUBMITTED, f"job={later.get('jobName')} id={later.get('jobId')}")
+                    continue
+            self.redo[f"{verdict.why}:{verdict.failure}"] += 1
+            again.append(obj)
+        return again
 
     def dry_run(self, todo: list[ObjectRef]) -> None:
         """Print the packs the objects would form; claim and submit nothing."""
@@ -250,3 +287,6 @@ class BulkSubmit:
         n_sub = c["would_submit"] if "would_submit" in c else c["submitted"]
         print(f"summary: {c['listed']} listed, {n_sub} {verb} in {self.jobs} job(s), "
               f"{c['skipped'] + c['duplicate']} skipped ({reasons}), {c['failed']} failed", file=self.out)
+        if self.redo:
+            again = ", ".join(f"{k}={n}" for k, n in sorted(self.redo.items()))
+            print(f"failed-only: {sum(self.redo.values())} run again ({again})", file=self.out)

@@ -285,6 +285,27 @@ class Submitter:
                            manifest=held.get("manifest"))
         return Outcome(obj, FAILED, error="another submission holds this object in progress; retry later")
 
+    def reopen(self, obj: ObjectRef, failed_job_id: str | None = None) -> dict | None:
+        """Make ``obj`` claimable again after its job failed for good (``submit --failed-only``):
+        delete its COMPLETED record when that names ``failed_job_id`` (the error marker's job; any
+        job when ``None``). Returns the stored record (``jobId``, ...) when it names another job,
+        a later submission that has not run yet (the record stays), else ``None``. An in-progress
+        record is left alone: its holder is submitting the object now and the claim says so."""
+        from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyItemNotFoundError
+
+        data = dataclasses.asdict(obj)
+        try:
+            record = self.persistence.get_record(data=data)
+        except IdempotencyItemNotFoundError:
+            return None
+        if record is None or record.status != "COMPLETED":
+            return None
+        stored = record.response_json_as_dict() or {}
+        if failed_job_id and stored.get("jobId") and stored["jobId"] != failed_job_id:
+            return stored
+        self.persistence.delete_record(data=data, exception=RuntimeError("resubmitted after a failure"))
+        return None
+
     def complete(self, obj: ObjectRef, response: dict) -> None:
         self.persistence.save_success(data=dataclasses.asdict(obj), result=response)
 

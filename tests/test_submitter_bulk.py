@@ -174,3 +174,89 @@ def test_failed_array_submit_releases_the_claims(aws, app):
     assert code == 0 and out.count("queued ") == 5 and ": 3 packs, 5 objects," in out
     (parent,) = [j for j in batch_jobs(aws) if "size" in j.get("arrayProperties", {})]
     assert parent["arrayProperties"]["size"] == 3
+
+
+def starting(out: str, prefix: str) -> int:
+    """How many printed lines start with ``prefix`` (one per object of that status)."""
+    return sum(line.startswith(prefix) for line in out.splitlines())
+
+
+def _marker_job_ids(aws) -> dict[str, str]:
+    """input URI -> the job id each object's (completed) idempotency record names, via Batch."""
+    return {uri: j["jobId"] for j in batch_jobs(aws) for uri in job_objects(aws, j)}
+
+
+def test_failed_only_resubmits_retryable_and_fixed_failures(aws, app):
+    import json
+
+    s3 = aws.client("s3")
+    names = ["done", "transient", "model", "corrupt", "pending", "replaced", "stale_err", "again"]
+    meta = {n: put(aws, f"uploads/r/{n}.wav", f"audio {n}".encode()) for n in names}
+    code, first = run_bulk(f"s3://{BUCKET}/uploads/r/")
+    assert code == 0 and starting(first, "submitted ") == len(names)
+    job_of = _marker_job_ids(aws)
+
+    def marker(name: str, body: dict, suffix: str = ".error.json") -> None:
+        s3.put_object(Bucket=BUCKET, Key=f"transcripts/uploads/r/{name}.wav{suffix}", Body=json.dumps(body))
+
+    def failure(name: str, reason: str, code: int, retryable: bool, etag: str | None = None) -> dict:
+        return {"reason": reason, "message": "m", "retryable": retryable, "exit_code": code,
+                "source": {"bucket": BUCKET, "key": f"uploads/r/{name}.wav", "etag": etag or meta[name]["etag"]},
+                "job_id": job_of[f"s3://{BUCKET}/uploads/r/{name}.wav"]}
+
+    def done(name: str, etag: str | None = None) -> dict:
+        return {"text": "t", "source": {"etag": etag or meta[name]["etag"]}, "job": {}}
+
+    marker("done", done("done"), ".json")
+    marker("transient", failure("transient", "s3_error", 75, True))
+    marker("model", failure("model", "model_error", 78, False))
+    marker("corrupt", failure("corrupt", "corrupt_audio", 65, False))
+    marker("replaced", failure("replaced", "s3_error", 75, True, etag="0" * 32))
+    marker("stale_err", failure("stale_err", "interrupted", 75, True))
+    marker("stale_err", done("stale_err"), ".json")  # succeeded after: the error marker is stale
+    marker("again", done("again", etag="1" * 32), ".json")  # an older version was transcribed
+    marker("again", failure("again", "internal_error", 70, True))
+
+    code, out = run_bulk(f"s3://{BUCKET}/uploads/r/", "--failed-only", "--dry-run")
+    assert code == 0 and starting(out, "would ") == 3 and len(batch_jobs(aws)) == 1
+    code, out = run_bulk(f"s3://{BUCKET}/uploads/r/", "--failed-only")
+
+    assert code == 0, out
+    status = {ln.split()[1].rsplit("/", 1)[1]: ln.split(None, 2)[0::2] for ln in out.splitlines()
+              if ln.startswith(("submitted", "skipped", "duplicate"))}
+    assert {k: v[0] for k, v in status.items()} == {
+        "done.wav": "skipped", "transient.wav": "submitted", "model.wav": "submitted", "corrupt.wav": "skipped",
+        "pending.wav": "skipped", "replaced.wav": "skipped", "stale_err.wav": "skipped", "again.wav": "submitted"}
+    assert status["done.wav"][1] == "reason=already_done" and status["stale_err.wav"][1] == "reason=already_done"
+    assert status["corrupt.wav"][1] == "reason=failed_permanently failure=corrupt_audio exit_code=65"
+    assert status["pending.wav"][1] == "reason=no_failure_marker"
+    assert status["replaced.wav"][1] == "reason=marker_for_other_etag failure=s3_error exit_code=75"
+    assert out.splitlines()[-2].startswith("summary: 8 listed, 3 submitted in 1 job(s), 5 skipped (already_done=2, ")
+    assert out.splitlines()[-1] == ("failed-only: 3 run again (fixed:model_error=1, retryable:internal_error=1, "
+                                    "retryable:s3_error=1)")
+    new_job = [j for j in batch_jobs(aws) if j["jobId"] not in job_of.values()]
+    assert len(new_job) == 1 and sorted(job_objects(aws, new_job[0])) == [
+        f"s3://{BUCKET}/uploads/r/{n}.wav" for n in ("again", "model", "transient")]
+
+    # a second run before the new job wrote anything does not submit the objects twice ...
+    code, out = run_bulk(f"s3://{BUCKET}/uploads/r/", "--failed-only")
+    assert code == 0 and starting(out, "submitted ") == 0 and out.count("reason=already_resubmitted") == 3
+    assert f"id={new_job[0]['jobId']}" in out and len(batch_jobs(aws)) == 2
+    # ... and plain submit still sees them as submitted (the records are completed with the new job)
+    code, out = run_bulk(f"s3://{BUCKET}/uploads/r/")
+    assert code == 0 and starting(out, "duplicate ") == 8 and len(batch_jobs(aws)) == 2
+    # when the new job fails too, its marker names it, and --failed-only runs the object again
+    marker("transient", {**failure("transient", "s3_error", 75, True), "job_id": new_job[0]["jobId"]})
+    code, out = run_bulk(f"s3://{BUCKET}/uploads/r/", "--failed-only")
+    assert code == 0 and starting(out, "submitted ") == 1 and "submitted  s3://audio-bucket/uploads/r/transient.wav" in out
+
+
+def test_failed_only_without_a_record_or_job_id_still_resubmits(aws, app):
+    import json
+
+    meta = put(aws, "uploads/n/x.flac", b"flac bytes")
+    body = {"reason": "device_unavailable", "retryable": True, "exit_code": 75, "source": {"etag": meta["etag"]}}
+    aws.client("s3").put_object(Bucket=BUCKET, Key="transcripts/uploads/n/x.flac.error.json", Body=json.dumps(body))
+    code, out = run_bulk(f"s3://{BUCKET}/uploads/n/", "--failed-only")  # no idempotency record at all
+    assert code == 0 and "submitted  s3://audio-bucket/uploads/n/x.flac" in out
+    assert out.splitlines()[-1] == "failed-only: 1 run again (retryable:device_unavailable=1)"
