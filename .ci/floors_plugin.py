@@ -4,7 +4,8 @@ The floors venv has no torch by default (the S3-facing tests use stand-in transc
 tests that request a real-model fixture are deselected here instead of failing on ``import torch``.
 """
 
-MODEL_FIXTURES = frozenset({"real_transcriber", "tiny_words_transcriber", "tiny_transcriber", "tiny_engine_fp32", "tiny_model"})
+MODEL_FIXTURES = frozenset({"real_transcriber", "tiny_words_transcriber", "tiny_transcriber", "tiny_engine_fp32", "tiny_model",
+                            "shared_rows_transcriber"})
 
 
 def pytest_collection_modifyitems(config, items):

@@ -262,13 +262,20 @@ def test_truncated_wav_decodes_what_is_there_with_a_warning(tmp_path):
     np.testing.assert_array_equal(load_audio(cut), decoded.samples)
 
 
-def test_a_pack_with_shared_encoder_rows_keeps_each_objects_text_with_it(aws, settings, model_cache_dir):
-    """run-job's default (Settings.for_batch_job: share_rows on): short objects of one pack share
-    encoder rows, and every marker still holds its own object's words and nobody else's."""
+@pytest.fixture
+def shared_rows_transcriber(model_cache_dir):
+    """The real tiny.en model with run-job's settings (share_rows on); needs torch, so the floors
+    step (.ci/floors_plugin.py) leaves out the tests that request it."""
     from batch_job.settings import Settings
     from batch_job.transcribe import Transcriber
 
-    shared = Transcriber.load(Settings.for_batch_job({}, model="tiny.en", cache_dir=str(model_cache_dir)))
+    return Transcriber.load(Settings.for_batch_job({}, model="tiny.en", cache_dir=str(model_cache_dir)))
+
+
+def test_a_pack_with_shared_encoder_rows_keeps_each_objects_text_with_it(aws, settings, shared_rows_transcriber):
+    """run-job's default (Settings.for_batch_job: share_rows on): short objects of one pack share
+    encoder rows, and every marker still holds its own object's words and nobody else's."""
+    shared = shared_rows_transcriber
     assert shared.settings.share_rows and shared.shares_rows(shared.options())
     keys = [f"s/{c}" for c in CLIPS]
     for key, clip in zip(keys, CLIPS, strict=True):
