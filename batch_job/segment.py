@@ -293,6 +293,15 @@ class Packed:
                 rest.append((a + sample - w0, b))
         return Packed(tuple(rest), self.gap) if rest else None
 
+    def head(self, sample: int) -> Packed | None:
+        """The window before ``sample`` (window coordinates), or None: what :meth:`tail` leaves out."""
+        kept: list[tuple[int, int]] = []
+        for w0, a, b in self._offsets():
+            if sample <= w0:
+                break
+            kept.append((a, min(b, a + sample - w0)))
+        return Packed(tuple(kept), self.gap) if kept else None
+
 
 def with_gaps(pieces: list[np.ndarray], gap: int) -> np.ndarray:
     """``pieces`` concatenated with ``gap`` samples of silence between consecutive ones."""

@@ -58,6 +58,7 @@ class WindowTask:
     continuation: int = 0
     best: tuple[DecodingResult, float] | None = None  # best failed attempt and its compression ratio
     alone: bool = False  # decoded in a row of its own: never joined, never in a shared row (one passed it over, or a join failed)
+    rereads: int = 0  # times its audio was split as under-read (Guards.min_chars_per_second); at most Guards.max_rereads
 
     @property
     def samples(self) -> int:

@@ -34,7 +34,7 @@ from batch_job.audio import SAMPLE_RATE
 from batch_job.constants import HOP_LENGTH, JOIN_SLACK_SECONDS, NO_SPACE_LANGUAGES, SECONDS_PER_TIMESTAMP
 from batch_job.engine.decoding import DecodingOptions, DecodingResult, compression_ratio
 from batch_job.result import FileResult, Segment, Transcript, Word
-from batch_job.segment import EncoderWindow, Joined
+from batch_job.segment import EncoderWindow, Joined, Packed, frame_energy_db
 from batch_job.settings import Settings
 from batch_job.shared_rows import join_row, split_row
 from batch_job.stream import FileState, Piece, TranscriptionStream, WindowTask
@@ -57,6 +57,13 @@ class Guards:
     min_tail_seconds: float = 1.0
     """A window's undecoded tail shorter than this is not re-queued."""
     max_continuations: int = 4
+    min_chars_per_second: float = 3.0
+    """A segment longer than ``underread_seconds`` with less text than this per second (speech
+    reads at 10-16) was under-read: Whisper skipped most of what was said (often after an abrupt
+    change of voice or channel). It is decoded again in two halves, at most ``max_rereads`` deep.
+    Languages written without spaces use a third of it."""
+    underread_seconds: float = 8.0
+    max_rereads: int = 2
 
 
 class _Span(NamedTuple):
@@ -243,6 +250,13 @@ class Transcriber:
                 return tuple(WindowTask(task.file, part, continuation=task.continuation, alone=True)
                              for part in task.window.parts)
             spans, consumed = spans[:crossing], resume
+        halves = self._reread_underread(task, spans, result.language, state)
+        if halves is not None:
+            kept, follow_ups = halves
+            segments, _ = self._segments(result, task, spans[:kept], 0)
+            state.segments.extend(segments)
+            state.languages.append(result.language)
+            return follow_ups
         segments, consumed = self._segments(result, task, spans, consumed)
         if ratio > g.compression_ratio_threshold:
             segments = _drop_repeats(segments)
@@ -260,6 +274,33 @@ class Transcriber:
                                     and task.continuation < g.max_continuations):
             return (WindowTask(task.file, tail, continuation=task.continuation + 1),)
         return ()
+
+    def _reread_underread(self, task: WindowTask, spans: Sequence[_Span], language: str,
+                          state: FileState) -> tuple[int, tuple[WindowTask, ...]] | None:
+        """``(spans kept, follow-ups)`` when a span was under-read (:attr:`Guards.min_chars_per_second`), else None.
+
+        The spans before it are kept; the window from its start is decoded again as two windows,
+        cut at the quietest 10 ms near the middle of the span, each in a row of its own (never
+        joined), split again at most ``max_rereads`` deep. Packed windows only (a joined window's
+        parts are short).
+        """
+        g = self.guards
+        if task.rereads >= g.max_rereads or not isinstance(task.window, Packed):
+            return None
+        rate = g.min_chars_per_second / (3 if language in NO_SPACE_LANGUAGES else 1)
+        for i, span in enumerate(spans):
+            seconds = span.end - span.start
+            if seconds < g.underread_seconds or len(self.engine.text(span.tokens).strip()) >= rate * seconds:
+                continue
+            start, end = int(round(span.start * SAMPLE_RATE)), int(round(span.end * SAMPLE_RATE))
+            cut = _quietest(task.window.audio(state.audio), start + (end - start) // 3, end - (end - start) // 3)
+            head, tail = task.window.head(cut), task.window.tail(cut)
+            if head is not None and start > 0:
+                head = head.tail(start)
+            halves = tuple(WindowTask(task.file, w, continuation=task.continuation, alone=True, rereads=task.rereads + 1)
+                           for w in (head, tail) if w is not None)
+            return i, halves
+        return None
 
     def _segments(self, result: DecodingResult, task: WindowTask, spans: Sequence[_Span],
                   consumed: int) -> tuple[list[Piece], int]:
@@ -370,6 +411,14 @@ class Transcriber:
             transcript = self.diarizer.label(transcript, state.audio)
             transcript = replace(transcript, timings={**transcript.timings, "diarize": round(time.perf_counter() - t0, 4)})
         return FileResult(state.name, transcript, None)
+
+
+def _quietest(audio: np.ndarray, start: int, end: int) -> int:
+    """The start of the quietest 10 ms frame of ``audio[start:end]`` (samples): where a cut splits no word."""
+    frame = SAMPLE_RATE // 100
+    if end - start < 2 * frame:
+        return (start + end) // 2
+    return start + int(np.argmin(frame_energy_db(audio[start:end], frame))) * frame
 
 
 def _first_join_crossing(window: EncoderWindow, spans: Sequence[_Span]) -> int | None:

@@ -222,7 +222,9 @@ class _ScriptedEngine(_FakeEngine):
     max_new_tokens = 224
 
     def __init__(self) -> None:
-        super().__init__({1: " hello"})
+        # text at a speaking rate, and not repetitive: neither the under-read guard
+        # (Guards.min_chars_per_second) nor the compression-ratio fallback fires
+        super().__init__({1: " hello there, this sentence is read at an ordinary pace by a patient speaker"})
         self.batches: list[list[float]] = []
 
     def decode(self, rows, options, *, temperatures):
@@ -328,6 +330,49 @@ def test_a_file_with_tails_finishes_while_other_files_still_decode():
             break
     assert finished_at["short"] < finished_at["long"]
     assert stream.done_windows == stream.total_windows
+
+
+def test_an_under_read_segment_is_decoded_again_in_two_halves():
+    """A 20 s segment of five words (Whisper skipped most of it): the segment before it is kept,
+    and its audio is decoded again as two windows cut at the quietest point of its middle third,
+    each alone; a half read as badly again is split once more, then kept."""
+    sr = 16000
+    ts = lambda s: 1002 + int(round(s / 0.02))  # noqa: E731
+    tr = Transcriber(_FakeEngine({1: " hello", 2: " tear a thin sheet"}), settings=None)  # type: ignore[arg-type]
+    audio = np.random.default_rng(0).normal(0, 0.1, sr * 30).astype(np.float32)
+    audio[int(sr * 15.5) : int(sr * 15.6)] = 0.0  # a breath in the middle third of 4-24 s
+    state = FileState(name="x", audio=audio, pending=1)
+    window = Packed(((0, 30 * sr),))
+    halves = tr.accept_window(WindowTask(0, window), _result([ts(0), 1, ts(4), ts(4), 2, ts(24)]), state)
+    assert [p[:3] for p in state.segments] == [(0.0, 4.0, "hello")]
+    (head,), (tail,) = (h.window.spans for h in halves)
+    assert head[0] == 4 * sr and head[1] == tail[0] and tail[1] == 30 * sr
+    assert 15.5 * sr <= head[1] < 15.6 * sr  # cut in the breath, not through a word
+    assert all(h.alone and h.rereads == 1 for h in halves)
+    # the second half under-read again: split again; at the limit the text is kept as it is
+    again = tr.accept_window(halves[1], _result([ts(0), 2, ts(12)]), state)
+    assert len(again) == 2 and all(h.rereads == 2 for h in again)
+    assert tr.accept_window(again[1], _result([ts(0), 2, ts(9)]), state) == ()
+    assert state.segments[-1][2] == "tear a thin sheet"
+    # text at a speaking rate is never split; short segments never are
+    state = FileState(name="x", audio=audio, pending=1)
+    words = _FakeEngine({1: " a fairly long sentence that is read at a normal rate of speech, no skipping at all"})
+    assert Transcriber(words, settings=None).accept_window(  # type: ignore[arg-type]
+        WindowTask(0, window), _result([ts(0), 1, ts(12)]), state) == ()
+    assert tr.accept_window(WindowTask(0, window), _result([ts(0), 2, ts(7)]), state) == ()
+
+
+def test_packed_head_is_what_tail_leaves_out():
+    sr = 16000
+    window = Packed(((0, 5 * sr), (20 * sr, 24 * sr)), gap=sr // 2)  # the second span starts at 5.5 s in the window
+    for cut in (sr, 5 * sr, int(5.2 * sr), 6 * sr):
+        head, tail = window.head(cut), window.tail(cut)
+        assert head is not None and tail is not None
+        covered = sum(b - a for w in (head, tail) for a, b in w.spans)
+        assert covered == sum(b - a for a, b in window.spans)  # every sample once: nothing lost, nothing twice
+        assert head.spans[-1][1] <= tail.spans[0][0]
+    assert window.head(0) is None
+    assert window.head(6 * sr).spans == ((0, 5 * sr), (20 * sr, 20 * sr + sr // 2))
 
 
 def test_finish_cuts_a_segment_that_runs_past_the_next_one():
