@@ -122,6 +122,16 @@ def test_a_tiny_cluster_is_folded_into_its_neighbour_in_auto_only():
     assert clustering.cluster(points, seeds, SpeakerOptions(count=3)).count == 3
 
 
+def test_a_voice_of_under_three_partials_is_folded_even_above_the_share():
+    """2 partials of 20 (10% of the speech, above MIN_SHARE) are too little to call a new voice;
+    3 are enough (MIN_PARTIALS)."""
+    rng = np.random.default_rng(2)
+    points, truth = _voices(rng, 2, 20)
+    for few, count in ((2, 1), (3, 2)):
+        keep = np.concatenate([np.flatnonzero(truth == 0)[: 20 - few], np.flatnonzero(truth == 1)[:few]])
+        assert clustering.cluster(points[keep], np.arange(20), SpeakerOptions()).count == count, few
+
+
 def test_no_partials_no_clusters():
     assert clustering.cluster(np.zeros((0, 8), np.float32), np.zeros(0, int), SpeakerOptions()).count == 0
 
