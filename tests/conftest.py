@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
@@ -18,6 +20,15 @@ def shared_clip(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared audio not available: {path}")
     return path
+
+
+def truncated_wav(seconds_promised: float = 6.0, keep: float = 0.5) -> bytes:
+    """A 16-bit WAV of real speech whose header promises ``seconds_promised`` but holds ``keep`` of it."""
+    audio, rate = sf.read(shared_clip("jfk.flac"), dtype="float32")
+    buf = io.BytesIO()
+    sf.write(buf, audio[: int(seconds_promised * rate)], rate, format="WAV", subtype="PCM_16")
+    data = buf.getvalue()
+    return data[: int(len(data) * keep)]
 
 
 def reference_text(name: str) -> str:

@@ -4,18 +4,16 @@ SIGTERM keeps finished objects, truncated WAVs transcribed with a warning, pack 
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 boto3 = pytest.importorskip("boto3")
 moto = pytest.importorskip("moto")
 
-from conftest import shared_clip  # noqa: E402
+from conftest import shared_clip, truncated_wav  # noqa: E402
 from test_job import (  # noqa: E402, F401 - fixtures and helpers shared with the single-object tests
     IN,
     OUT,
@@ -49,15 +47,6 @@ def run(s3, keys, settings, rec=None, **kw):
     result = run_pack([(f"s3://{IN}/{k}", f"s3://{OUT}/{PREFIX}") for k in keys], settings=settings, s3=s3,
                       manifest=MANIFEST, log=JsonLog(rec.log_stream), metrics_stream=rec.metrics_stream, **kw)
     return result, rec
-
-
-def truncated_wav(seconds_promised: float = 6.0, keep: float = 0.5) -> bytes:
-    """A 16-bit WAV of real speech whose header promises ``seconds_promised`` but holds ``keep`` of it."""
-    audio, rate = sf.read(shared_clip("jfk.flac"), dtype="float32")
-    buf = io.BytesIO()
-    sf.write(buf, audio[: int(seconds_promised * rate)], rate, format="WAV", subtype="PCM_16")
-    data = buf.getvalue()
-    return data[: int(len(data) * keep)]
 
 
 class ManyStandIn(StandIn):

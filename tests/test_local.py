@@ -25,7 +25,7 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("aws_lambda_powertools")
 pytest.importorskip("moto")
 
-from conftest import reference_text, shared_clip  # noqa: E402
+from conftest import reference_text, shared_clip, truncated_wav  # noqa: E402
 
 from batch_job.local import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY  # noqa: E402
 from batch_job.local.s3server import ServerError, find_rclone  # noqa: E402
@@ -389,6 +389,31 @@ def test_duplicate_upload_creates_no_second_job(instance):
     local.wait_line(r"duplicate\s+audio/jfk\.flac", 30)
     assert len(local.jobs("audio/jfk.flac")) == 1
     assert len([line for line in local.lines if re.search(r"queued\s+audio/jfk\.flac", line)]) == 1
+
+
+def test_status_counts_a_mixed_drop_exactly(instance, local_env):
+    """After good, corrupt, truncated and duplicate files: ``whisper-batch status`` against local
+    mode's S3 endpoint reports the counts the markers hold, the failure grouped by reason, the
+    truncated file as done with a warning, and nothing pending."""
+    local = instance["local"]
+    if not local.jobs("audio/bad.wav"):
+        pytest.skip("needs test_three_concurrent_uploads")
+    upload(local, "audio/truncated.wav", truncated_wav())
+    warned = local.wait_json("transcripts/audio/truncated.wav.json")
+    assert [w["code"] for w in warned["warnings"]] == ["truncated_audio"]
+    local.settled_jobs()
+    env = dict(local_env, AWS_ACCESS_KEY_ID=ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET_ACCESS_KEY,
+               AWS_DEFAULT_REGION=REGION)
+    out = subprocess.run([sys.executable, "-m", "batch_job.cli", "status", f"s3://{BUCKET}/transcripts/",
+                          "--input", f"s3://{BUCKET}/audio/", "--endpoint-url", local.endpoint, "--json"],
+                         capture_output=True, text=True, env=env, timeout=120, check=True)
+    report = json.loads(out.stdout)
+    assert (report["done"], report["failed"], report["warned"], report["pending"]) == (3, 1, 1, 0), report
+    assert report["failures"] == {"corrupt_audio": {"count": 1, "examples": ["audio/bad.wav"]}}
+    seconds = 0.0
+    for key in ("audio/jfk.flac", f"audio/nested dir+é/{CLIP_B}", "audio/truncated.wav"):
+        seconds += local.get_json(f"transcripts/{key}.json")["duration"]
+    assert report["audio_hours"] == pytest.approx(seconds / 3600, abs=2e-4)
 
 
 def test_file_copied_into_data_folder(instance):
