@@ -34,7 +34,7 @@ from batch_job.audio import SAMPLE_RATE
 from batch_job.constants import HOP_LENGTH, JOIN_SLACK_SECONDS, NO_SPACE_LANGUAGES, SECONDS_PER_TIMESTAMP
 from batch_job.engine.decoding import DecodingOptions, DecodingResult, compression_ratio
 from batch_job.result import FileResult, Segment, Transcript, Word
-from batch_job.segment import EncoderWindow, Joined, Packed, frame_energy_db
+from batch_job.segment import FRAME_SECONDS, EncoderWindow, Joined, Packed, frame_energy_db
 from batch_job.settings import Settings
 from batch_job.shared_rows import join_row, split_row
 from batch_job.stream import FileState, Piece, TranscriptionStream, WindowTask
@@ -415,7 +415,7 @@ class Transcriber:
 
 def _quietest(audio: np.ndarray, start: int, end: int) -> int:
     """The start of the quietest 10 ms frame of ``audio[start:end]`` (samples): where a cut splits no word."""
-    frame = SAMPLE_RATE // 100
+    frame = int(round(FRAME_SECONDS * SAMPLE_RATE))
     if end - start < 2 * frame:
         return (start + end) // 2
     return start + int(np.argmin(frame_energy_db(audio[start:end], frame))) * frame
