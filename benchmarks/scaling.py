@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import shlex
@@ -42,8 +41,8 @@ from docs_section import write_section  # noqa: E402
 from throughput import (  # noqa: E402
     LONG_GAP_SECONDS,
     REPO,
-    SAMPLE_RATE,
     SHARED_AUDIO,
+    build_long_file,
     ct2_dir_for,
     error_rates,
     machine_info,
@@ -103,36 +102,15 @@ def child_main(spec_path: str) -> int:
 
 # ============================================================================ parent side
 def build_hour_file(clips: list[dict], cache_dir: Path, seconds: float) -> dict:
-    """The clips joined (1 s of silence between) and repeated until ``seconds``; cached 16 kHz FLAC."""
-    import numpy as np
-    import soundfile as sf
-
-    key = hashlib.sha256(json.dumps([[c["audio"], os.path.getsize(c["path"])] for c in clips]
-                                    + [LONG_GAP_SECONDS, seconds]).encode()).hexdigest()[:12]
-    out = cache_dir / "bench-audio" / f"hour-{int(seconds)}s-{key}.flac"
-    texts: list[str] = []
-    total, i = 0.0, 0
+    """The clips cycled until ``seconds``, joined by throughput's :func:`build_long_file` (1 s of
+    silence between, one cached 16 kHz FLAC); its manifest row, with the number of clips."""
+    cycled: list[dict] = []
+    total = 0.0
     while total < seconds:
-        c = clips[i % len(clips)]
-        texts.append(c["text"])
-        total += float(c["seconds"]) + (LONG_GAP_SECONDS if i else 0.0)
-        i += 1
-    if not out.is_file():
-        from batch_job.audio import load_audio
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        gap = np.zeros(int(LONG_GAP_SECONDS * SAMPLE_RATE), np.float32)
-        decoded = {c["path"]: load_audio(c["path"]) for c in clips}
-        parts = []
-        for j in range(i):
-            if j:
-                parts.append(gap)
-            parts.append(decoded[clips[j % len(clips)]["path"]])
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.flac")
-        sf.write(tmp, np.clip(np.concatenate(parts), -1.0, 1.0), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        os.replace(tmp, out)
-    return {"audio": out.name, "path": str(out), "text": " ".join(texts), "language": "en",
-            "seconds": sf.info(str(out)).duration, "clips": i}
+        c = clips[len(cycled) % len(clips)]
+        total += float(c["seconds"]) + (LONG_GAP_SECONDS if cycled else 0.0)
+        cycled.append(c)
+    return {**build_long_file(cycled, cache_dir), "clips": len(cycled)}
 
 
 def run_child(spec: dict, env: dict[str, str], tmp: Path) -> dict:
