@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +25,8 @@ SUBCOMMAND_MODULES = (
     "batch_job.serve",           # serve [--port P]: SageMaker endpoints
     "batch_job.status",          # status s3://bucket/prefix/: markers -> progress, failures, cost
 )
+#: Subcommands whose process ends as soon as the command returns, without interpreter teardown.
+QUICK_EXIT_COMMANDS = frozenset({"run-job"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,5 +51,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry_point() -> None:
+    """The ``whisper-batch`` program (console script, image ENTRYPOINT, ``python -m batch_job.cli``).
+
+    After ``run-job`` every result is on S3 and every file is closed, so the process ends with
+    ``os._exit`` once logs and stdio are flushed: tearing the interpreter down (freeing the model,
+    torch's thread pools, module teardown) would only delay the job's end, and the next job's
+    start, by a fraction of a second (docs/benchmarks.md, "Where the time goes"). Every other
+    command exits normally.
+    """
+    args = sys.argv[1:]
+    code = main(args)
+    if args[:1] and args[0] in QUICK_EXIT_COMMANDS:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry_point()

@@ -69,8 +69,9 @@ def child_local(spec: dict) -> dict:
     mode.start()
     try:
         startup = time.monotonic() - t_start
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         uploads = mode.upload([Path(p) for p in spec["paths"]])
+        uploaded = time.monotonic() - t0
         results = mode.wait_for(uploads, threading.Event())
         wall = time.monotonic() - t0
         jobs = mode.executor.list_jobs()
@@ -85,7 +86,32 @@ def child_local(spec: dict) -> dict:
     finally:
         mode.stop()
         out.close()
-    return {"wall": wall, "startup": startup, "jobs": len(jobs), "files": hyps}
+    return {"wall": wall, "startup": startup, "jobs": len(jobs), "files": hyps,
+            "stages": job_stages(spec["data_dir"], t0_wall, uploaded, wall)}
+
+
+def job_stages(data_dir: str, t0_wall: float, uploaded: float, wall: float) -> dict[str, float]:
+    """Where a local-mode run's wall time went, from the jobs' JSON log lines (seconds after the
+    first upload): uploads done, first job submitted, model ready (slowest job), last job done."""
+    from datetime import datetime
+
+    from batch_job.local import state_dir
+
+    starts, ready, done = [], [], []
+    for log in sorted((state_dir(Path(data_dir)) / "logs" / "jobs").glob("*.log")):
+        for line in log.read_text(encoding="utf-8").splitlines():
+            if not line.startswith('{"ts"'):
+                continue
+            rec = json.loads(line)
+            at = datetime.fromisoformat(rec["ts"]).timestamp() - t0_wall
+            if rec.get("stage") == "manifest":
+                starts.append(at - float(rec["elapsed_s"]))
+            elif rec.get("stage") == "model_ready":
+                ready.append(at)
+            elif rec.get("stage") == "pack_done":
+                done.append(at)
+    return {"uploaded": uploaded, "job_started": min(starts, default=0.0), "model_ready": max(ready, default=0.0),
+            "jobs_done": max(done, default=0.0), "seen_done": wall}
 
 
 def child_fw(spec: dict) -> dict:
@@ -164,6 +190,9 @@ def render(results: list[dict], clips: list[dict], args: argparse.Namespace, met
                      f"{rate:.1f} | {ratio(per_file, r)} | {ratio(fw, r)} | {ratio(fw_batched, r)} | {wer} | "
                      f"{r['failed']} |")
     startups = [f"{r['system']} {r['startup']:.1f} s" for r in results if "startup" in r]
+    stages = [f"{r['system']}: uploads done {st['uploaded']:.1f} s, first job started {st['job_started']:.1f} s, "
+              f"model ready in every job {st['model_ready']:.1f} s, last job done {st['jobs_done']:.1f} s, last "
+              f"marker seen {st['seen_done']:.1f} s" for r in results if (st := r.get("stages"))]
     packed = by.get("packed")
     targets = []
     if packed:
@@ -201,6 +230,8 @@ def render(results: list[dict], clips: list[dict], args: argparse.Namespace, met
         "- Local mode wall time starts at the first upload and ends when the last completion marker is "
         "read (upload, watcher poll, submitter, Batch stand-in, job start, model load and transcription "
         "all inside it); local-mode start-up, once per session, is apart: " + (", ".join(startups) or "-") + ".",
+        "- Where local mode's wall time went (seconds after the first upload, from the jobs' log lines): "
+        + ("; ".join(stages) or "-") + ".",
         "- faster-whisper: the wall time of its whole process (interpreter, imports, model load, the loop); "
         "batched: `BatchedInferencePipeline(model).transcribe(path, beam_size=1)` (its default batch size 8 "
         "and VAD), `int8`, the same threads.",

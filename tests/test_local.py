@@ -221,6 +221,37 @@ def test_watcher_batching_window_holds_a_burst_together(tmp_path):
     assert bounded.poll() == 1  # d never settles: c goes once the window has passed
 
 
+def test_watcher_delivers_objects_whose_upload_completed_without_settling(tmp_path):
+    """An object local mode PUT itself is whole: no settle wait for that version, while a
+    fresh object nobody vouched for (a file still being copied) still waits."""
+    from datetime import datetime, timezone
+
+    from batch_job.local.watcher import Watcher
+
+    now = datetime.now(timezone.utc)
+    listing = [{"Key": "audio/a.wav", "ETag": '"a"', "Size": 3, "LastModified": now},
+               {"Key": "audio/b.wav", "ETag": '"b"', "Size": 3, "LastModified": now}]
+
+    class FakeS3:
+        def get_paginator(self, name):
+            return type("P", (), {"paginate": lambda self, **kw: [{"Contents": list(listing)}]})()
+
+    events: list[dict] = []
+
+    def deliver(event):
+        events.append(event)
+        return {"batchItemFailures": []}
+
+    watcher = Watcher(FakeS3(), "whisper-batch", "audio/", tmp_path / "w.json", deliver, settle=60, batch_window=0)
+    watcher.uploaded({"audio/a.wav": '"stale-etag"'})
+    assert watcher.poll() == 0  # another version of a.wav was vouched for, not this one
+    watcher.uploaded({"audio/a.wav": '"a"'})
+    assert watcher.poll() == 1 and len(events) == 1
+    assert json.loads(events[0]["Records"][0]["body"])["Records"][0]["s3"]["object"]["key"] == "audio/a.wav"
+    assert ("audio/a.wav", "a") not in watcher.complete  # forgotten once delivered
+    assert watcher.poll() == 0  # b.wav, never vouched for, still settles
+
+
 # ---------------------------------------------------------------------------- end to end
 class Local:
     """A `whisper-batch local` process; its output lines are collected by a reader thread."""

@@ -324,7 +324,11 @@ class LocalMode:
             return key, (path, str(response["ETag"]).strip('"'))
 
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(keys)))) as pool:
-            return dict(pool.map(put, keys.items()))
+            uploads = dict(pool.map(put, keys.items()))
+        if self.watcher is not None:  # our own PUTs are whole: deliver the burst now, no settling wait
+            self.watcher.uploaded({key: etag for key, (_path, etag) in uploads.items()})
+            self.watcher.poll_soon()
+        return uploads
 
     def _skip_rule(self, key: str, path: Path) -> str | None:
         """The submitter's own rules (:mod:`submitter.rules`): a skipped file never gets a job."""

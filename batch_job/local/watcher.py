@@ -16,7 +16,10 @@ so a restart does not deliver them again. A message the handler reports in
 redrive policy), then reported as dead-lettered.
 
 Objects are delivered once their LastModified is ``settle`` seconds old, so a file still being
-copied into the folder is not picked up half-written. Like the stack's batching window
+copied into the folder is not picked up half-written. An object whose upload the caller saw
+complete (:meth:`Watcher.uploaded`: local mode's own PUTs, which S3 makes visible only whole) is
+settled at once, and :meth:`Watcher.poll_soon` delivers the burst without waiting for the next
+round. Like the stack's batching window
 (``SubmitterBatchingWindow``), settled objects wait while more are still arriving (younger than
 ``settle``), up to ``batch_window`` seconds or until a batch is full, so a burst of uploads
 reaches the submitter as one event and is packed as one (the stack waits up to 20 s; local
@@ -127,7 +130,10 @@ class Watcher:
         self.seen: set[str] = set()
         #: identity -> (receive count, not before) of messages the handler failed (visibility timeout)
         self.receives: dict[str, tuple[int, float]] = {}
+        #: (key, ETag) of objects whose PUT the caller saw complete: settled without waiting
+        self.complete: set[tuple[str, str]] = set()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._poll_lock = threading.Lock()
         self._last_error: str | None = None
@@ -161,7 +167,8 @@ class Watcher:
             for obj in page.get("Contents") or []:
                 if obj["Key"].endswith("/") or _identity(obj) in self.seen:
                     continue
-                if (now - obj["LastModified"]).total_seconds() < self.settle:
+                whole = (obj["Key"], str(obj["ETag"]).strip('"')) in self.complete
+                if not whole and (now - obj["LastModified"]).total_seconds() < self.settle:
                     arriving += 1
                     continue
                 if self.receives.get(_identity(obj), (0, 0.0))[1] > time.monotonic():
@@ -219,6 +226,7 @@ class Watcher:
                 continue
             self.seen.add(ident)
             self.receives.pop(ident, None)
+            self.complete.discard((obj["Key"], str(obj["ETag"]).strip('"')))
             if ident in failed_ids:
                 if self.on_dead_letter:
                     self.on_dead_letter(obj["Key"], error)
@@ -228,6 +236,15 @@ class Watcher:
                     self.on_delivered(obj["Key"], obj)
         self._save()
         return delivered
+
+    def uploaded(self, items: dict[str, str]) -> None:
+        """``{key: ETag}`` of objects whose PUT has completed: no settling wait for those versions."""
+        with self._poll_lock:
+            self.complete.update((key, etag.strip('"')) for key, etag in items.items())
+
+    def poll_soon(self) -> None:
+        """Run the next round now instead of after ``interval`` (the watcher thread does it)."""
+        self._wake.set()
 
     # ---------------------------------------------------------------- thread
     def start(self) -> Watcher:
@@ -239,10 +256,12 @@ class Watcher:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.poll()
-            self._stop.wait(self.interval)
+            self._wake.wait(self.interval)
+            self._wake.clear()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
