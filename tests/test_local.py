@@ -187,6 +187,22 @@ def test_watcher_delivers_the_stack_event_shape_once(tmp_path):
     assert s3["s3"]["object"]["eTag"] == "abc" and s3["s3"]["object"]["size"] == 3
 
 
+def _listing_s3(listing: list[dict]):
+    """(an S3 client class whose one listing page is ``listing``, the events delivered, a deliver
+    that records them and reports no failure)."""
+    class FakeS3:
+        def get_paginator(self, name):
+            return type("P", (), {"paginate": lambda self, **kw: [{"Contents": list(listing)}]})()
+
+    events: list[dict] = []
+
+    def deliver(event):
+        events.append(event)
+        return {"batchItemFailures": []}
+
+    return FakeS3, events, deliver
+
+
 def test_watcher_batching_window_holds_a_burst_together(tmp_path):
     """Settled objects wait while more of the burst is still arriving (as the stack's batching
     window does), but never longer than batch_window."""
@@ -198,15 +214,7 @@ def test_watcher_batching_window_holds_a_burst_together(tmp_path):
     listing = [{"Key": "audio/a.wav", "ETag": '"a"', "Size": 3, "LastModified": now - timedelta(seconds=5)},
                {"Key": "audio/b.wav", "ETag": '"b"', "Size": 3, "LastModified": now}]
 
-    class FakeS3:
-        def get_paginator(self, name):
-            return type("P", (), {"paginate": lambda self, **kw: [{"Contents": list(listing)}]})()
-
-    events: list[dict] = []
-
-    def deliver(event):
-        events.append(event)
-        return {"batchItemFailures": []}
+    FakeS3, events, deliver = _listing_s3(listing)
 
     watcher = Watcher(FakeS3(), "whisper-batch", "audio/", tmp_path / "w.json", deliver, settle=0.5, batch_window=30)
     assert watcher.poll() == 0 and events == []  # b is still arriving: a waits for it
@@ -232,15 +240,7 @@ def test_watcher_delivers_objects_whose_upload_completed_without_settling(tmp_pa
     listing = [{"Key": "audio/a.wav", "ETag": '"a"', "Size": 3, "LastModified": now},
                {"Key": "audio/b.wav", "ETag": '"b"', "Size": 3, "LastModified": now}]
 
-    class FakeS3:
-        def get_paginator(self, name):
-            return type("P", (), {"paginate": lambda self, **kw: [{"Contents": list(listing)}]})()
-
-    events: list[dict] = []
-
-    def deliver(event):
-        events.append(event)
-        return {"batchItemFailures": []}
+    FakeS3, events, deliver = _listing_s3(listing)
 
     watcher = Watcher(FakeS3(), "whisper-batch", "audio/", tmp_path / "w.json", deliver, settle=60, batch_window=0)
     watcher.uploaded({"audio/a.wav": '"stale-etag"'})
