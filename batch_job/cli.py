@@ -57,8 +57,8 @@ def entry_point() -> None:
     After ``run-job`` every result is on S3 and every file is closed, so the process ends with
     ``os._exit`` once logs and stdio are flushed: tearing the interpreter down (freeing the model,
     torch's thread pools, module teardown) would only delay the job's end, and the next job's
-    start, by a fraction of a second (docs/benchmarks.md, "Where the time goes"). Every other
-    command exits normally.
+    start, by a fraction of a second (``benchmarks/many_files.py`` reports the stages of a run).
+    Every other command exits normally.
     """
     args = sys.argv[1:]
     code = main(args)

@@ -92,7 +92,8 @@ def child_local(spec: dict) -> dict:
 
 def job_stages(data_dir: str, t0_wall: float, uploaded: float, wall: float) -> dict[str, float]:
     """Where a local-mode run's wall time went, from the jobs' JSON log lines (seconds after the
-    first upload): uploads done, first job submitted, model ready (slowest job), last job done."""
+    first upload): uploads done, first job process started, model ready (slowest job), last job
+    done, last marker seen."""
     from datetime import datetime
 
     from batch_job.local import state_dir

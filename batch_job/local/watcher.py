@@ -40,6 +40,7 @@ from urllib.parse import quote_plus
 
 from batch_job.fsutil import atomic_write_text
 from batch_job.local import REGION
+from batch_job.s3io import normalize_etag
 
 #: Messages per invocation: the stack's default SubmitterBatchSize (tests/test_template.py checks).
 SQS_BATCH_SIZE = 100
@@ -72,7 +73,7 @@ def s3_notification(bucket: str, obj: dict) -> dict:
             "configurationId": "whisper-batch-uploads",
             "bucket": {"name": bucket, "ownerIdentity": {"principalId": "local"}, "arn": f"arn:aws:s3:::{bucket}"},
             "object": {"key": encode_key(obj["Key"]), "size": int(obj["Size"]),
-                       "eTag": str(obj["ETag"]).strip('"'), "sequencer": f"{int(modified.timestamp() * 1e6):016X}"},
+                       "eTag": normalize_etag(str(obj["ETag"])), "sequencer": f"{int(modified.timestamp() * 1e6):016X}"},
         },
     }]}
 
@@ -97,8 +98,13 @@ def sqs_event(bodies: list[dict], receive_counts: list[int] | None = None) -> di
     return {"Records": records}
 
 
+def _version(obj: dict) -> tuple[str, str]:
+    """A listed object's (key, ETag without quotes)."""
+    return obj["Key"], normalize_etag(str(obj["ETag"]))
+
+
 def _identity(obj: dict) -> str:
-    return json.dumps([obj["Key"], str(obj["ETag"]).strip('"'), obj["LastModified"].isoformat()])
+    return json.dumps([*_version(obj), obj["LastModified"].isoformat()])
 
 
 class Watcher:
@@ -167,8 +173,7 @@ class Watcher:
             for obj in page.get("Contents") or []:
                 if obj["Key"].endswith("/") or _identity(obj) in self.seen:
                     continue
-                whole = (obj["Key"], str(obj["ETag"]).strip('"')) in self.complete
-                if not whole and (now - obj["LastModified"]).total_seconds() < self.settle:
+                if _version(obj) not in self.complete and (now - obj["LastModified"]).total_seconds() < self.settle:
                     arriving += 1
                     continue
                 if self.receives.get(_identity(obj), (0, 0.0))[1] > time.monotonic():
@@ -226,7 +231,7 @@ class Watcher:
                 continue
             self.seen.add(ident)
             self.receives.pop(ident, None)
-            self.complete.discard((obj["Key"], str(obj["ETag"]).strip('"')))
+            self.complete.discard(_version(obj))
             if ident in failed_ids:
                 if self.on_dead_letter:
                     self.on_dead_letter(obj["Key"], error)
@@ -240,7 +245,7 @@ class Watcher:
     def uploaded(self, items: dict[str, str]) -> None:
         """``{key: ETag}`` of objects whose PUT has completed: no settling wait for those versions."""
         with self._poll_lock:
-            self.complete.update((key, etag.strip('"')) for key, etag in items.items())
+            self.complete.update((key, normalize_etag(etag)) for key, etag in items.items())
 
     def poll_soon(self) -> None:
         """Run the next round now instead of after ``interval`` (the watcher thread does it)."""
