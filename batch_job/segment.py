@@ -149,6 +149,25 @@ def frame_energy_db(audio: np.ndarray, frame: int) -> np.ndarray:
     return (10.0 * np.log10(energy + _EPS)).astype(np.float32)
 
 
+def speech_extent(audio: np.ndarray, *, sample_rate: int = SAMPLE_RATE, margin_db: float = 10.0,
+                  abs_floor_db: float = -60.0) -> tuple[int, int]:
+    """Where the active audio of ``audio`` (float ``[n]``) begins and ends: ``(first, end)`` samples.
+
+    Active as :func:`split_at_pauses` reads it (``margin_db`` over the noise floor, above
+    ``abs_floor_db``), to the 10 ms frame; ``(0, n)`` when no frame is active (nothing to trim).
+    """
+    frame = max(1, int(round(FRAME_SECONDS * sample_rate)))
+    if len(audio) < frame:
+        return 0, len(audio)
+    db = frame_energy_db(audio, frame)
+    prm = _Params(frame=frame, margin_db=margin_db, abs_floor_db=abs_floor_db, min_silence=1, pad=0,
+                  min_speech=1, max_len=len(db), target_len=len(db), min_window=1, smooth=1)
+    active = np.flatnonzero(db > _threshold_db(db, prm))
+    if not len(active):
+        return 0, len(audio)
+    return int(active[0]) * frame, min(len(audio), (int(active[-1]) + 1) * frame)
+
+
 # --------------------------------------------------------------------------- internals
 
 _BLOCK_FRAMES = 3000  # 30 s of 10 ms frames per noise-floor block

@@ -9,10 +9,14 @@ windows they lie in (:func:`split_row`), each re-based to its own window's timel
 had been decoded alone. The transcriber's guards (compression ratio, log-probability, tails)
 then judge each window on its own.
 
-Text never moves between files: a segment that lies across the gap between two windows makes
-the whole row unsplittable, and its windows are decoded again, each alone. A window the row did
-not reach (decoding stopped early) or gave no text comes back as ``None``, and is decoded again
-alone too: every window holds speech, so a shared row that passed over one must not drop it.
+Text never moves between files: a segment that lies across the gap between two windows (reaching
+past the neighbour's leading or trailing silence into its speech) is dealt to neither, and both
+windows come back as ``None``, to be decoded again, each alone; the row's other windows keep their
+text. Whisper often closes a segment only where the next speech starts, so a segment may run
+through the gap and the neighbour's silence (:func:`~batch_job.segment.speech_extent`) without
+counting as lying across. A window the row did not reach (decoding stopped early) or gave no text
+comes back as ``None`` too: every window holds speech, so a shared row that passed over one must
+not drop it.
 
 Rows are shared only where the row's language is the language of every window in it (a fixed
 ``--language``, or an English-only model) and without word timestamps (the alignment heads'
@@ -21,7 +25,7 @@ attention is not split here); the server never shares a row between requests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -36,28 +40,35 @@ ROW_GAP_SECONDS = 1.0
 segment there (a segment across it makes the row unsplittable)."""
 ROW_MAX_PARTS = 6
 """Most windows in one row (their text shares the row's ``max_new_tokens``)."""
+ROW_MAX_TRIES = 2
+"""Shared rows a window may be passed over by before it is decoded alone: the second one holds
+none of the first one's windows (a segment across two windows is dealt to neither)."""
 STRAY_SECONDS = 0.2
-"""A segment may reach this far into a neighbouring window (timestamps are 20 ms tokens and
-drift a little) before it counts as lying across two windows."""
+"""A segment may reach this far into a neighbouring window's speech (timestamps are 20 ms tokens
+and drift a little) before it counts as lying across two windows."""
 ROW_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE
 ROW_GAP_SAMPLES = int(ROW_GAP_SECONDS * SAMPLE_RATE)
 
 
 def plan_rows(lengths: Sequence[int], shareable: Sequence[bool], *, max_rows: int,
-              capacity: int = ROW_SAMPLES, gap: int = ROW_GAP_SAMPLES,
-              max_parts: int = ROW_MAX_PARTS) -> list[tuple[int, ...]]:
+              capacity: int = ROW_SAMPLES, gap: int = ROW_GAP_SAMPLES, max_parts: int = ROW_MAX_PARTS,
+              missed: Sequence[Collection[int]] | None = None) -> list[tuple[int, ...]]:
     """First-fit rows over windows given longest first: at most ``max_rows`` rows of indices.
 
     ``lengths[i]``: window ``i``'s samples; a window that is not ``shareable`` (a retry, or one
-    whose shared row could not be split) gets a row of its own. Windows that fit in no row are
-    left out (they wait for the next batch). Each row keeps its windows in the order given.
+    that shared rows passed over too often) gets a row of its own; ``missed[i]``: the ids of the
+    shared rows that passed window ``i`` over, two windows that were in one such row never share
+    again. Windows that fit in no row are left out (they wait for the next batch). Each row keeps
+    its windows in the order given.
     """
+    apart = [set(m) for m in missed] if missed is not None else [set() for _ in lengths]
     rows: list[list[int]] = []
     used: list[int] = []
     for i, n in enumerate(lengths):
         if shareable[i]:
             for r, row in enumerate(rows):
-                if len(row) < max_parts and used[r] + gap + n <= capacity:
+                if (len(row) < max_parts and used[r] + gap + n <= capacity
+                        and not any(apart[i] & apart[j] for j in row)):
                     row.append(i)
                     used[r] += gap + n
                     break
@@ -86,18 +97,21 @@ def part_offsets(part_samples: Sequence[int], gap: int = ROW_GAP_SAMPLES) -> lis
 
 
 def split_row(result: DecodingResult, part_samples: Sequence[int], *, timestamp_begin: int,
-              gap: int = ROW_GAP_SAMPLES) -> list[DecodingResult | None]:
-    """Deal a shared row's result to its windows; ``None`` for the whole row if it cannot be split.
+              gap: int = ROW_GAP_SAMPLES,
+              speech: Sequence[tuple[int, int]] | None = None) -> list[DecodingResult | None]:
+    """Deal a shared row's result to its windows; ``None`` for each window it cannot give text to.
 
     Returns one result per window, in window coordinates (timestamps re-based to the window's
-    start), or ``None`` for a window the row's decoding did not reach or gave no text. A window fully decoded
-    ends with a closing timestamp (the transcriber reads it as consumed); one the decoding
-    stopped inside ends with a repeated timestamp at its last complete segment (the rest of it
-    is its tail).
+    start), or ``None`` for a window that a segment lies across (with a neighbour), that the row's
+    decoding did not reach, or that got no text. A window fully decoded ends with a closing
+    timestamp (the transcriber reads it as consumed); one the decoding stopped inside ends with a
+    repeated timestamp at its last complete segment (the rest of it is its tail). ``speech[k]``:
+    where window ``k``'s active audio begins and ends, in its own samples (default: all of it).
     """
     tb = timestamp_begin
     segments, open_segment = _segments(result, tb)
     offsets = part_offsets(part_samples, gap)
+    extents = list(speech) if speech is not None else [(0, n) for n in part_samples]
     row_end = offsets[-1] + part_samples[-1]
     if open_segment is not None and open_segment.text and not segments:
         # One unfinished segment and nothing else: as a window alone, it counts as the whole row.
@@ -105,26 +119,36 @@ def split_row(result: DecodingResult, part_samples: Sequence[int], *, timestamp_
         segments, open_segment = [open_segment], None
     consumed = row_end if open_segment is None else (int(round(segments[-1].end * SAMPLE_RATE)) if segments else 0)
     dealt: list[list[_Seg]] = [[] for _ in part_samples]
+    across: set[int] = set()
     for seg in segments:
         a, b = int(round(seg.start * SAMPLE_RATE)), int(round(seg.end * SAMPLE_RATE))
-        overlaps = sorted(((min(b, o + n) - max(a, o), k) for k, (o, n) in enumerate(zip(offsets, part_samples))),
-                          reverse=True)
-        if len(overlaps) > 1 and overlaps[1][0] > STRAY_SECONDS * SAMPLE_RATE:
-            return [None] * len(part_samples)  # across two files' windows: never guess whose words these are
-        k = overlaps[0][1]
-        if overlaps[0][0] <= 0:  # wholly inside a gap: the nearest window
+        overlaps = [min(b, o + n) - max(a, o) for o, n in zip(offsets, part_samples)]
+        k = max(range(len(overlaps)), key=overlaps.__getitem__)
+        if overlaps[k] <= 0:  # wholly inside a gap: the nearest window
             k = min(range(len(offsets)), key=lambda j: min(abs(a - offsets[j]), abs(a - offsets[j] - part_samples[j])))
+        others = [j for j in range(len(overlaps)) if j != k and _into_speech(j > k, a, b, offsets[j], extents[j])]
+        if others:  # across two files' windows: never guess whose words these are
+            across.update([k, *others])
+            continue
         o, n = offsets[k] / SAMPLE_RATE, part_samples[k] / SAMPLE_RATE
         dealt[k].append(_Seg(min(max(seg.start - o, 0.0), n), min(max(seg.end - o, 0.0), n), seg.text, seg.stamps))
     out: list[DecodingResult | None] = []
     for k, (o, n) in enumerate(zip(offsets, part_samples)):
-        if consumed >= o + n:
-            out.append(_part_result(result, dealt[k], tb, complete=True))
-        elif consumed <= o or not dealt[k]:
-            out.append(None)  # not reached (or nothing complete in it): decoded again, alone
+        if k in across or consumed <= o or not dealt[k]:
+            out.append(None)  # not reached, nothing complete in it, or shared a segment: again, alone
         else:
-            out.append(_part_result(result, dealt[k], tb, complete=False))
+            out.append(_part_result(result, dealt[k], tb, complete=consumed >= o + n))
     return out
+
+
+def _into_speech(after: bool, a: int, b: int, offset: int, extent: tuple[int, int]) -> bool:
+    """Whether segment ``[a, b)`` (row samples) reaches more than :data:`STRAY_SECONDS` into the
+    speech of the window at ``offset`` whose active audio is ``extent``: from before it
+    (``after``: the window comes later in the row) or from after it."""
+    stray = STRAY_SECONDS * SAMPLE_RATE
+    if after:
+        return b > offset + extent[0] + stray
+    return a < offset + extent[1] - stray
 
 
 def _segments(result: DecodingResult, tb: int) -> tuple[list[_Seg], _Seg | None]:

@@ -25,7 +25,7 @@ from batch_job.constants import CHUNK_SECONDS
 from batch_job.engine.decoding import DecodingOptions, DecodingResult
 from batch_job.result import FileResult, Word
 from batch_job.segment import EncoderWindow, group_to_fill, join_windows, pack_windows, split_at_pauses
-from batch_job.shared_rows import ROW_MAX_PARTS, plan_rows
+from batch_job.shared_rows import ROW_MAX_PARTS, ROW_MAX_TRIES, plan_rows
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class WindowTask:
     attempt: int = 0  # index into Guards.temperatures
     continuation: int = 0
     best: tuple[DecodingResult, float] | None = None  # best failed attempt and its compression ratio
-    alone: bool = False  # decoded in a row of its own: never joined, never in a shared row (one passed it over, or a join failed)
+    alone: bool = False  # decoded in a row of its own: never joined, never in a shared row (rows passed it over, or a join failed)
+    missed_rows: tuple[int, ...] = ()  # shared rows that passed it over (shared_rows.ROW_MAX_TRIES); it never meets their windows again
     rereads: int = 0  # times its audio was split as under-read (Guards.min_chars_per_second); at most Guards.max_rereads
 
     @property
@@ -151,6 +152,7 @@ class TranscriptionStream:
         self._order = order
         self._isolate = isolate_failures
         self._share_rows = share_rows
+        self._rows_planned = 0  # shared rows so far: each one's id (WindowTask.missed_rows)
         self._files: dict[Hashable, FileState] = {}
         self._queue: list[WindowTask] = []
         self.batch_size = handler.batch_size
@@ -213,10 +215,13 @@ class TranscriptionStream:
                 raise
             log.exception("a batch of %d windows failed; failing its %d file(s)", len(tasks), len(keys))
             return [(k, self._fail(k, exc)) for k in keys], report
-        for task_, result in zip(tasks, results):
+        row_ids = {i: self._rows_planned + r for r, row in enumerate(rows or ()) for i in row}
+        self._rows_planned += len(rows or ())
+        for i, (task_, result) in enumerate(zip(tasks, results)):
             state = self._files[task_.file]
-            if result is None:  # its shared row passed it over: again, alone
-                self._queue.append(replace(task_, alone=True))
+            if result is None:  # its shared row passed it over: in another row, or at last alone
+                missed = (*task_.missed_rows, row_ids[i])
+                self._queue.append(replace(task_, missed_rows=missed, alone=len(missed) >= ROW_MAX_TRIES))
                 continue
             follow_ups = self._handler.accept_window(task_, result, state)
             self._queue.extend(follow_ups)
@@ -241,7 +246,7 @@ class TranscriptionStream:
             mine = [t for t in self._queue if self._files[t.file].options == options]
             if self._share_rows is not None and self._share_rows(options):
                 planned = plan_rows([t.samples for t in mine], [t.attempt == 0 and not t.alone for t in mine],
-                                    max_rows=self.batch_size)
+                                    max_rows=self.batch_size, missed=[t.missed_rows for t in mine])
                 taken = [mine[i] for row in planned for i in row]
                 rows, pos = [], 0
                 for row in planned:

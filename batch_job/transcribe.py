@@ -34,7 +34,7 @@ from batch_job.audio import SAMPLE_RATE
 from batch_job.constants import HOP_LENGTH, JOIN_SLACK_SECONDS, NO_SPACE_LANGUAGES, SECONDS_PER_TIMESTAMP
 from batch_job.engine.decoding import DecodingOptions, DecodingResult, compression_ratio
 from batch_job.result import FileResult, Segment, Transcript, Word
-from batch_job.segment import FRAME_SECONDS, EncoderWindow, Joined, Packed, frame_energy_db
+from batch_job.segment import FRAME_SECONDS, EncoderWindow, Joined, Packed, frame_energy_db, speech_extent
 from batch_job.settings import Settings
 from batch_job.shared_rows import join_row, split_row
 from batch_job.stream import FileState, Piece, TranscriptionStream, WindowTask
@@ -214,7 +214,8 @@ class Transcriber:
             if len(row) == 1:
                 results[row[0]] = result
                 continue
-            split = split_row(result, [len(p) for p in parts], timestamp_begin=self.engine.tokens.timestamp_begin)
+            split = split_row(result, [len(p) for p in parts], timestamp_begin=self.engine.tokens.timestamp_begin,
+                              speech=[speech_extent(p) for p in parts])
             for i, part in zip(row, split):
                 results[i] = part
         share = 1.0 / len(tasks)

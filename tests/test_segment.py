@@ -11,7 +11,7 @@ from conftest import shared_clip
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from batch_job.audio import SAMPLE_RATE, load_audio
-from batch_job.segment import Window, frame_energy_db, split_at_pauses
+from batch_job.segment import Window, frame_energy_db, speech_extent, split_at_pauses
 
 SR = SAMPLE_RATE
 LONG_SILENCE_S = 5.0
@@ -218,3 +218,15 @@ def test_bad_arguments() -> None:
         split_at_pauses(np.zeros((2, 100), dtype=np.float32))
     with pytest.raises(ValueError):
         split_at_pauses(np.zeros(100, dtype=np.float32), max_seconds=20, target_seconds=25)
+
+
+def test_speech_extent_finds_where_the_speech_of_a_window_begins_and_ends(jfk16: np.ndarray) -> None:
+    rng = np.random.default_rng(2)
+    lead, trail = int(1.5 * SR), int(0.7 * SR)
+    audio = np.concatenate([np.zeros(lead, np.float32), jfk16, np.zeros(trail, np.float32)])
+    audio = audio + rng.normal(0, 0.002, len(audio)).astype(np.float32)
+    first, end = speech_extent(audio)
+    speech = np.flatnonzero(_silero_mask(audio))
+    assert abs(first - speech[0]) < 0.3 * SR and abs(end - speech[-1]) < 0.5 * SR
+    assert lead - 0.02 * SR <= first and end <= lead + len(jfk16) + 0.02 * SR
+    assert speech_extent(np.zeros(SR, np.float32)) == (0, SR)  # nothing active: nothing to trim
