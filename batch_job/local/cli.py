@@ -35,8 +35,8 @@ from batch_job.local import (
     SECRET_ACCESS_KEY,
     state_dir,
 )
+from batch_job.local.executor import default_workers
 from batch_job.local.progress import Progress
-from batch_job.settings import usable_cores
 from batch_job.speakers.options import SpeakerOptions, settings_from_arguments
 from batch_job.speakers.options import add_arguments as add_speaker_arguments
 
@@ -74,7 +74,7 @@ class LocalMode:
                  output_prefix: str = DEFAULT_OUTPUT_PREFIX, poll_interval: float = 1.0, settle: float = 1.0,
                  pack_max_objects: int | None = None, out: IO[str] | None = None) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
-        self.workers = workers or usable_cores()
+        self.workers = workers or default_workers()
         self.port = port
         self.bucket = bucket
         self.input_prefix = input_prefix
@@ -371,7 +371,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="folder served as S3 (default %(default)s); DIR/whisper-batch/audio/ is the input prefix")
     p.add_argument("--workers", type=int, default=None,
-                   help="jobs at once (default: one per CPU core, like one job per NeuronCore)")
+                   help="jobs at once (default: one per 2 CPU cores, each on 2 threads; one job per NeuronCore when deployed)")
     p.add_argument("--port", type=int, default=None, help="S3 endpoint port on 127.0.0.1 (default: a free one)")
     p.add_argument("--pack-max-objects", type=int, default=None, metavar="N",
                    help="files per job at most (default: the stack's PackMaxObjects); 1 = one job per file")

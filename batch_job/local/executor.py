@@ -17,8 +17,8 @@ Queue: a SQLite journal in ``DATA_DIR/.whisper-batch-local/jobs.sqlite``. Queued
 restart; a job running when local mode stops is sent SIGTERM (the worker exits 75, writes an
 ``interrupted`` error marker) and goes back to the queue without using up an attempt (a stop is
 not a job failure); a job found RUNNING at start (hard kill) is queued again the same way.
-At most ``workers`` jobs run at once; each gets ``cores / workers`` torch threads unless
-``WHISPER_BATCH_THREADS`` is set.
+At most ``workers`` jobs run at once (default :func:`default_workers`); each gets
+``cores / workers`` torch threads unless ``WHISPER_BATCH_THREADS`` is set.
 """
 
 from __future__ import annotations
@@ -51,7 +51,17 @@ ENTRYPOINT = (sys.executable, "-m", "batch_job.cli")
 #: Seconds between SIGTERM and SIGKILL (ECS's default stop timeout).
 STOP_TIMEOUT = 30.0
 
+CORES_PER_JOB = 2
+"""Cores each local job gets by default. On CPU one job on two threads beats two jobs on one each
+for a burst of short files (one pack shares more encoder rows, docs/benchmarks.md "Many short
+files end to end") and runs a lone long file on both cores; more threads per job are not measured."""
+
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+def default_workers() -> int:
+    """Jobs at once when ``--workers`` is not given: one per :data:`CORES_PER_JOB` usable cores, at least one."""
+    return max(1, usable_cores() // CORES_PER_JOB)
 
 
 def retry_strategy(attempts: int = 3) -> dict:
@@ -139,7 +149,7 @@ class LocalBatch:
         self.state = state_dir(data_dir)
         self.log_dir = self.state / "logs" / "jobs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.workers = max(1, int(workers or usable_cores()))
+        self.workers = max(1, int(workers or default_workers()))
         self.queue = queue
         self.job_definitions = dict(job_definitions or default_job_definitions(""))
         self.env = dict(os.environ if env is None else env)
