@@ -166,6 +166,14 @@ def run_system(system: str, clips: list[dict], args: argparse.Namespace, env: di
     return result
 
 
+def median_round(runs: list[dict]) -> dict:
+    """A system's round with the median wall time (the first error, if any round failed)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    return sorted(runs, key=lambda r: r["wall"])[len(runs) // 2]
+
+
 def render(results: list[dict], clips: list[dict], args: argparse.Namespace, meta: dict) -> str:
     audio = sum(float(c["seconds"]) for c in clips)
     by = {r["system"]: r for r in results if "error" not in r}
@@ -228,6 +236,9 @@ def render(results: list[dict], clips: list[dict], args: argparse.Namespace, met
         f"model `tiny.en` (the same packaged weights for all: faster-whisper reads the CTranslate2 files, "
         f"ours their conversion), {args.threads} CPU threads in total for every system "
         f"(local mode: {args.workers} workers × {max(1, args.threads // args.workers)} thread(s) per job).",
+        f"- {args.rounds} round(s), the systems interleaved in each; every row is that system's median round "
+        "(wall s of every round: " + "; ".join(f"{k} " + " / ".join(f"{w:.1f}" for w in v)
+                                             for k, v in meta.get("walls", {}).items()) + ").",
         "- Local mode wall time starts at the first upload and ends when the last completion marker is "
         "read (upload, watcher poll, submitter, Batch stand-in, job start, model load and transcription "
         "all inside it); local-mode start-up, once per session, is apart: " + (", ".join(startups) or "-") + ".",
@@ -238,9 +249,11 @@ def render(results: list[dict], clips: list[dict], args: argparse.Namespace, met
         "and VAD), `int8`, the same threads.",
         "- Where the difference comes from: a job per file pays process start, imports and the model load "
         "for every file (see 'Job overhead' above); a pack pays them once and batches the windows of its "
-        "files together; local mode spreads a burst over its workers (PACK_PARALLELISM = workers). On "
-        "CPU the encoder is most of the compute on short clips and runs in bfloat16 where the CPU has "
-        "native bf16 (docs/engine.md). The CPU graph cache is warm before timing (traced once per image).",
+        "files together; local mode spreads a burst over its workers (PACK_PARALLELISM = workers, one "
+        "per 2 cores by default: one bigger pack shares more encoder rows, see 'Where the time goes' below). On CPU the "
+        "encoder is most of the compute on short clips and runs in bfloat16 where the CPU has native bf16 "
+        "(docs/engine.md); short files of different names share encoder rows (batch_job/shared_rows.py). "
+        "The CPU graph cache is warm before timing (traced once per image).",
     ]
     return "\n".join(lines + targets + notes) + "\n"
 
@@ -254,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-seconds", type=float, default=4.0)
     p.add_argument("--max-seconds", type=float, default=20.0)
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
-    p.add_argument("--workers", type=int, default=2, help="local mode's workers (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every system this many times, interleaved; report each one's median (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local mode's workers (default: its own default, one per 2 cores of --threads)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads in total per system (default %(default)s)")
     p.add_argument("--cache-dir", default=os.environ.get("WHISPER_BATCH_TEST_CACHE") or None,
                    help="model cache (default $WHISPER_BATCH_TEST_CACHE, else the settings' default)")
@@ -266,10 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
 
     from batch_job.engine.models import resolve_checkpoint
+    from batch_job.local.executor import CORES_PER_JOB
     from batch_job.settings import Settings
 
+    if args.workers is None:  # local mode's default, on the threads this run gives every system
+        args.workers = max(1, args.threads // CORES_PER_JOB)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WHISPER_BATCH_"))}
     env.update(WHISPER_BATCH_MODEL="tiny.en", WHISPER_BATCH_THREADS=str(max(1, args.threads // args.workers)),
                OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
@@ -289,16 +310,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no English clips of {args.min_seconds}-{args.max_seconds} s in {SHARED_AUDIO}")
     meta = {"argv": argv, "machine": machine_info(),
             "when": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    results = []
+    rounds: dict[str, list[dict]] = {system: [] for system in systems}
     with tempfile.TemporaryDirectory(prefix="many-files-") as scratch:
-        tmp = args.keep or scratch
-        Path(tmp).mkdir(parents=True, exist_ok=True)
-        for system in systems:
-            print(f"running {system} on {len(clips)} clips ...", file=sys.stderr, flush=True)
-            results.append(run_system(system, clips, args, env, Path(tmp)))
-            r = results[-1]
-            print(f"  {system}: " + (r["error"] if "error" in r else f"{r['wall']:.1f} s, {r['jobs']} job(s)"),
-                  file=sys.stderr, flush=True)
+        for k in range(args.rounds):  # systems interleaved: a slow spell of the machine hits all of them
+            tmp = Path(args.keep or scratch) / f"round-{k + 1}"
+            tmp.mkdir(parents=True, exist_ok=True)
+            for system in systems:
+                print(f"round {k + 1}: running {system} on {len(clips)} clips ...", file=sys.stderr, flush=True)
+                r = run_system(system, clips, args, env, tmp)
+                rounds[system].append(r)
+                print(f"  {system}: " + (r["error"] if "error" in r else f"{r['wall']:.1f} s, {r['jobs']} job(s)"),
+                      file=sys.stderr, flush=True)
+    results = [median_round(runs) for runs in rounds.values()]
+    meta["walls"] = {system: [r["wall"] for r in runs if "error" not in r] for system, runs in rounds.items()}
     table = render(results, clips, args, meta)
     print(table)
     if args.write_docs:
