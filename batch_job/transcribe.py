@@ -252,17 +252,16 @@ class Transcriber:
                              for part in task.window.parts)
             spans, consumed = spans[:crossing], resume
         halves = self._reread_underread(task, spans, result.language, state)
-        if halves is not None:
+        if halves is not None:  # the spans before the under-read one are kept; the rest read again
             kept, follow_ups = halves
-            segments, _ = self._segments(result, task, spans[:kept], 0)
-            state.segments.extend(segments)
-            state.languages.append(result.language)
-            return follow_ups
+            spans, consumed = spans[:kept], 0
         segments, consumed = self._segments(result, task, spans, consumed)
         if ratio > g.compression_ratio_threshold:
             segments = _drop_repeats(segments)
         state.segments.extend(segments)
         state.languages.append(result.language)
+        if halves is not None:
+            return follow_ups
         tail = task.window.tail(consumed) if consumed > 0 else None
         if tail is None:
             return ()
