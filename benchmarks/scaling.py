@@ -29,7 +29,6 @@ import datetime as _dt
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from throughput import (  # noqa: E402
     error_rates,
     machine_info,
     read_manifest,
+    run_child,
 )
 
 SECTION = "## Scaling: 10, 40, 160 files and a 1-hour file (issue #23)"
@@ -111,18 +111,6 @@ def build_hour_file(clips: list[dict], cache_dir: Path, seconds: float) -> dict:
         total += float(c["seconds"]) + (LONG_GAP_SECONDS if cycled else 0.0)
         cycled.append(c)
     return {**build_long_file(cycled, cache_dir), "clips": len(cycled)}
-
-
-def run_child(spec: dict, env: dict[str, str], tmp: Path) -> dict:
-    name = f"{spec['system']}-{spec['set']}"
-    spec["out"] = str(tmp / f"{name}.out.json")
-    spec_path = tmp / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec), encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                          env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0 or not Path(spec["out"]).is_file():
-        return {"error": f"exit {proc.returncode}: " + " | ".join(proc.stdout.strip().splitlines()[-12:])}
-    return json.loads(Path(spec["out"]).read_text(encoding="utf-8"))
 
 
 def render(results: list[dict], meta: dict) -> str:
@@ -218,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"running {system} on {set_name} ({audio_s:.0f} s) ...", file=sys.stderr, flush=True)
                 spec = {"system": system, "set": set_name, "paths": [r["path"] for r in rows], "warmup": warmup,
                         "cache_dir": str(cache_dir), "ct2_dir": ct2_dir, "threads": args.threads}
-                res = run_child(spec, env, Path(tmp))
+                res = run_child(spec, env, Path(tmp), script=__file__)
                 res.update(system=system, set=set_name, files=len(rows), audio_s=audio_s)
                 if "error" not in res:
                     scored = [{**r, "hyp": h} for r, h in zip(rows, res.pop("texts"))]

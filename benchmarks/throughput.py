@@ -398,12 +398,14 @@ def error_rates(rows: list[dict], multilingual: bool) -> dict[str, Any]:
     return out
 
 
-def run_child(spec: dict, env: dict[str, str], tmp: Path) -> dict:
+def run_child(spec: dict, env: dict[str, str], tmp: Path, script: str = __file__) -> dict:
+    """Run ``script --child SPEC`` (one system on one set, in its own process) and return what it
+    wrote to ``spec["out"]``, or ``{"system", "error"}`` with the tail of its output."""
     spec_path = tmp / f"{spec['system']}-{spec['set']}.spec.json"
     spec["out"] = str(tmp / f"{spec['system']}-{spec['set']}.out.json")
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+        [sys.executable, str(Path(script).resolve()), "--child", str(spec_path)],
         env=env,
         cwd=str(REPO),
         stdout=subprocess.PIPE,
