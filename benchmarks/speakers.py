@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(notes)
     if args.write_docs:
-        write_section(HEADING, "```\npython benchmarks/speakers.py --write-docs\n```\n\n" + notes + "\n\n" + table)
+        command = " ".join(["python benchmarks/speakers.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+        write_section(HEADING, f"```\n{command}\n```\n\n" + notes + "\n\n" + table)
     return 0
 
 
