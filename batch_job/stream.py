@@ -95,7 +95,8 @@ class WindowHandler(Protocol):
         ``rows`` (only from a stream that shares rows): which tasks share each encoder row, at
         most ``batch_size`` rows (:mod:`batch_job.shared_rows`); ``None`` = a row per task (at most
         ``batch_size`` tasks). A task's result is ``None`` when its shared row did not decode it:
-        the stream queues it again, to be decoded alone.
+        the stream queues it again, for another shared row without that row's windows, or alone
+        once :data:`~batch_job.shared_rows.ROW_MAX_TRIES` rows passed it over.
         """
         ...
 

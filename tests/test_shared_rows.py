@@ -9,8 +9,10 @@ import numpy as np
 from conftest import load_clip, reference_text
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from batch_job.engine.decoding import DecodingResult
+from batch_job.engine.decoding import DecodingOptions, DecodingResult
+from batch_job.result import FileResult
 from batch_job.shared_rows import join_row, part_offsets, plan_rows, split_row
+from batch_job.stream import TranscriptionStream
 from batch_job.transcribe import Transcriber
 
 SR = 16000
@@ -155,3 +157,49 @@ def test_rows_are_not_shared_with_word_timestamps_or_an_unknown_language(tiny_se
     assert shared.shares_rows(options)  # English-only model: the language is known
     words = dataclasses.replace(shared.settings, word_timestamps=True)
     assert not Transcriber.shares_rows(type("T", (), {"settings": words, "engine": shared.engine})(), options)
+
+
+class _PassOverShared:
+    """A WindowHandler whose shared rows never give text (each part comes back ``None``)."""
+
+    batch_size = 8
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, ...]]] = []
+
+    def decode_windows(self, tasks, files, options, rows=None):
+        rows = rows or [(i,) for i in range(len(tasks))]
+        self.batches.append([tuple(files[tasks[i].file].name for i in row) for row in rows])
+        out = [None] * len(tasks)
+        for row in rows:
+            if len(row) == 1:
+                out[row[0]] = result([ts(0.0), 11, ts(8.0)])
+        return out
+
+    def accept_window(self, task, result, state):
+        return ()
+
+    def finish_file(self, state):
+        return FileResult(state.name, None, None)
+
+
+def test_a_window_a_shared_row_passed_over_meets_new_windows_once_then_goes_alone():
+    rng = np.random.default_rng(3)
+    t = np.arange(9 * SR) / SR
+
+    def speech() -> np.ndarray:  # 9 s of noise swelling 3 times a second: one window, no pause
+        return (rng.standard_normal(len(t)) * 0.3 * (0.55 + 0.45 * np.sin(6 * np.pi * t))).astype(np.float32)
+
+    handler = _PassOverShared()
+    stream = TranscriptionStream(handler, share_rows=lambda options: True)
+    for name in "abcdef":
+        assert stream.add(name, name, speech(), DecodingOptions()) is None
+    finished = []
+    while len(finished) < 6:
+        done, _ = stream.step()
+        finished += [k for k, _ in done]
+    first, second, third = handler.batches
+    assert first == [("a", "b", "c"), ("d", "e", "f")]  # 9 s windows, three to a 30 s row
+    assert sorted(second) == [("a", "d"), ("b", "e"), ("c", "f")]  # again shared, never with a first row-mate
+    assert sorted(third) == [(n,) for n in "abcdef"]  # passed over twice: alone
+    assert sorted(finished) == list("abcdef")
