@@ -22,6 +22,8 @@ transcript are scored against, by :func:`score`:
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from batch_job.audio import SAMPLE_RATE, load_audio
 from batch_job.result import Transcript
 
-AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", Path(__file__).resolve().parents[1].parent / "shared" / "audio"))
 FRAME_S = 0.01
 PAUSE_S = 0.6
 """Silence between turns: a short conversational pause."""
@@ -87,6 +89,19 @@ class Score:
     attributed_words: float
 
 
+def _clip_path(name: str) -> Path:
+    """A clip of the shared audio; under pytest a missing folder skips the test (as conftest's
+    ``shared_clip`` does), elsewhere it is a FileNotFoundError that names the folder."""
+    path = AUDIO / name
+    if not path.is_file():
+        if "pytest" in sys.modules:
+            import pytest
+
+            pytest.skip(f"shared audio not available: {path}")
+        raise FileNotFoundError(f"shared audio not available: {path} (set WHISPER_BATCH_SHARED_AUDIO)")
+    return path
+
+
 def build(name: str, turns: Sequence[tuple[str, int]], *, pause_s: float = PAUSE_S) -> Conversation:
     """A conversation of ``turns``: ``(speaker, clip index in SPEAKERS[speaker])`` each."""
     pause = np.zeros(int(pause_s * SAMPLE_RATE), np.float32)
@@ -95,7 +110,7 @@ def build(name: str, turns: Sequence[tuple[str, int]], *, pause_s: float = PAUSE
     at = 0
     for speaker, index in turns:
         clip = SPEAKERS[speaker][index]
-        audio = _trim(load_audio(AUDIO / clip))
+        audio = _trim(load_audio(_clip_path(clip)))
         if pieces:
             pieces.append(pause)
             at += len(pause)
