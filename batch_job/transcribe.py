@@ -245,11 +245,13 @@ class Transcriber:
         if crossing is not None:
             resume = int(round(spans[crossing].start * SAMPLE_RATE))
             if resume <= 0 or not any(s.tokens for s in spans[:crossing]):
-                # The window's first segment ran across a join: nothing of it can be placed.
-                # Each part is decoded again in a row of its own, never joined again.
+                # The window's first segment ran across a join: nothing of it can be placed. The
+                # parts it touched are decoded again in rows of their own, never joined again;
+                # the others go back to the queue as they were (they may be joined again).
                 assert isinstance(task.window, Joined)
-                return tuple(WindowTask(task.file, part, continuation=task.continuation, alone=True)
-                             for part in task.window.parts)
+                touched = _parts_touched(task.window, spans[crossing])
+                return tuple(WindowTask(task.file, part, continuation=task.continuation, alone=k in touched)
+                             for k, part in enumerate(task.window.parts))
             spans, consumed = spans[:crossing], resume
         halves = self._reread_underread(task, spans, result.language, state)
         if halves is not None:  # the spans before the under-read one are kept; the rest read again
@@ -421,6 +423,13 @@ def _quietest(audio: np.ndarray, start: int, end: int) -> int:
     return start + int(np.argmin(frame_energy_db(audio[start:end], frame))) * frame
 
 
+def _parts_touched(window: Joined, span: _Span) -> set[int]:
+    """The parts of ``window`` that ``span`` overlaps by more than ``JOIN_SLACK_SECONDS``."""
+    slack = JOIN_SLACK_SECONDS * SAMPLE_RATE
+    a, b = span.start * SAMPLE_RATE, span.end * SAMPLE_RATE
+    return {k for k, (start, end) in enumerate(window.part_bounds()) if min(b, end) - max(a, start) > slack}
+
+
 def _first_join_crossing(window: EncoderWindow, spans: Sequence[_Span]) -> int | None:
     """Index of the first span of a joined window that ran across a join, or None.
 
@@ -431,13 +440,8 @@ def _first_join_crossing(window: EncoderWindow, spans: Sequence[_Span]) -> int |
     """
     if not isinstance(window, Joined):
         return None
-    slack = JOIN_SLACK_SECONDS * SAMPLE_RATE
-    bounds = window.part_bounds()
     for i, span in enumerate(spans):
-        if not span.tokens:
-            continue
-        a, b = span.start * SAMPLE_RATE, span.end * SAMPLE_RATE
-        if sum(min(b, end) - max(a, start) > slack for start, end in bounds) > 1:
+        if span.tokens and len(_parts_touched(window, span)) > 1:
             return i
     return None
 

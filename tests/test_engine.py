@@ -282,8 +282,8 @@ def test_a_segment_across_a_join_is_decoded_again_from_where_it_starts():
 
 
 def test_a_first_segment_across_a_join_sends_each_part_back_alone():
-    """Nothing can be placed when the window's first segment spans the join: each part is decoded
-    again in a row of its own, and the queue never joins them again."""
+    """Nothing can be placed when the window's first segment spans the join: each part it touched
+    is decoded again in a row of its own, and the queue never joins them again."""
     from batch_job.stream import share_encoder_passes
 
     ts = lambda s: 1002 + int(round(s / 0.02))  # noqa: E731
@@ -300,6 +300,23 @@ def test_a_first_segment_across_a_join_sends_each_part_back_alone():
     state = FileState(name="x", audio=np.zeros(16000 * 120, np.float32), pending=1)
     assert tr.accept_window(WindowTask(0, window), _result([ts(1), 1, ts(6.7), ts(6.7), 1, ts(12.4)]), state) == ()
     assert [p[:2] for p in state.segments] == [(1.0, 6.0), (100.3, 106.0)]
+
+
+def test_a_first_segment_across_a_join_leaves_the_parts_it_did_not_touch_joinable():
+    """Three parts, the first segment across the first join: parts one and two go back alone,
+    part three as it was (it may be joined again), so one bad join costs two solo rows, not three."""
+    sr = 16000
+    ts = lambda s: 1002 + int(round(s / 0.02))  # noqa: E731
+    tr = Transcriber(_FakeEngine({1: " hello"}), settings=None)  # type: ignore[arg-type]
+    state = FileState(name="x", audio=np.zeros(sr * 220, np.float32), pending=1)
+    gap = sr * 2 // 5
+    window = join_windows([Packed(((0, 6 * sr),), gap=gap), Packed(((100 * sr, 106 * sr),), gap=gap),
+                           Packed(((200 * sr, 206 * sr),), gap=gap)])  # parts at 0, 6.4 and 12.8 s
+    follow = tr.accept_window(WindowTask(0, window, continuation=1), _result([ts(1), 1, ts(10)]), state)
+    assert state.segments == []
+    assert [t.window for t in follow] == list(window.parts)
+    assert [t.alone for t in follow] == [True, True, False]
+    assert all(t.attempt == 0 and t.continuation == 1 for t in follow)
 
 
 def test_a_file_with_tails_finishes_while_other_files_still_decode():
