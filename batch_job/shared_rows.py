@@ -11,12 +11,12 @@ then judge each window on its own.
 
 Text never moves between files: a segment that lies across the gap between two windows (reaching
 past the neighbour's leading or trailing silence into its speech) is dealt to neither, and both
-windows come back as ``None``, to be decoded again, each alone; the row's other windows keep their
-text. Whisper often closes a segment only where the next speech starts, so a segment may run
+windows come back as ``None``, to be decoded again; the row's other windows keep their text. Whisper often closes a segment only where the next speech starts, so a segment may run
 through the gap and the neighbour's silence (:func:`~batch_job.segment.speech_extent`) without
 counting as lying across. A window the row did not reach (decoding stopped early) or gave no text
 comes back as ``None`` too: every window holds speech, so a shared row that passed over one must
-not drop it.
+not drop it. A window passed over goes into one more shared row, with none of the first row's
+windows (:data:`ROW_MAX_TRIES`, the stream keeps count), then alone.
 
 Rows are shared only where the row's language is the language of every window in it (a fixed
 ``--language``, or an English-only model) and without word timestamps (the alignment heads'
@@ -135,7 +135,7 @@ def split_row(result: DecodingResult, part_samples: Sequence[int], *, timestamp_
     out: list[DecodingResult | None] = []
     for k, (o, n) in enumerate(zip(offsets, part_samples)):
         if k in across or consumed <= o or not dealt[k]:
-            out.append(None)  # not reached, nothing complete in it, or shared a segment: again, alone
+            out.append(None)  # not reached, nothing complete in it, or shared a segment: decoded again
         else:
             out.append(_part_result(result, dealt[k], tb, complete=consumed >= o + n))
     return out
@@ -177,7 +177,7 @@ def _part_result(row: DecodingResult, segments: list[_Seg], tb: int, *, complete
     """One window's share of the row, as the decoder would have given it for the window alone.
 
     ``None`` when the row gave the window no text: every window holds speech (the segmenter cut
-    it around some), so a window the shared decoding passed over is decoded again, alone.
+    it around some), so a window the shared decoding passed over is decoded again.
     """
     if not any(s.text for s in segments):
         return None
