@@ -235,7 +235,7 @@ def render(results: list[dict], clips: list[dict], args: argparse.Namespace, met
         f"- {len(clips)} English clips of {args.min_seconds:g}-{args.max_seconds:g} s from `../shared/audio`, "
         f"model `tiny.en` (the same packaged weights for all: faster-whisper reads the CTranslate2 files, "
         f"ours their conversion), {args.threads} CPU threads in total for every system "
-        f"(local mode: {args.workers} workers × {max(1, args.threads // args.workers)} thread(s) per job).",
+        f"(local mode: {args.workers} worker(s) × {max(1, args.threads // args.workers)} thread(s) per job).",
         f"- {args.rounds} round(s), the systems interleaved in each; every row is that system's median round "
         "(wall s of every round: " + "; ".join(f"{k} " + " / ".join(f"{w:.1f}" for w in v)
                                              for k, v in meta.get("walls", {}).items()) + ").",
