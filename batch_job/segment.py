@@ -25,6 +25,10 @@ from batch_job.audio import SAMPLE_RATE
 
 FRAME_SECONDS = 0.01
 """Energy frame length and hop (10 ms, non-overlapping)."""
+MARGIN_DB = 10.0
+"""How far above the adaptive noise floor a frame must be to count as active (the default)."""
+ABS_FLOOR_DB = -60.0
+"""Frames quieter than this (dBFS) are never active (the default)."""
 
 _EPS = 1e-10  # energy floor: -100 dBFS for digital silence
 
@@ -60,8 +64,6 @@ class Window:
 @dataclass(frozen=True)
 class _Params:
     frame: int  # samples per energy frame
-    margin_db: float
-    abs_floor_db: float
     min_silence: int  # frames
     pad: int  # frames
     min_speech: int  # frames
@@ -81,8 +83,8 @@ def split_at_pauses(
     min_silence_s: float = 1.5,
     pad_s: float = 0.2,
     min_speech_s: float = 0.1,
-    margin_db: float = 10.0,
-    abs_floor_db: float = -60.0,
+    margin_db: float = MARGIN_DB,
+    abs_floor_db: float = ABS_FLOOR_DB,
 ) -> list[Window]:
     """Windows of at most ``max_seconds`` covering the speech in ``audio``, cut at pauses.
 
@@ -113,8 +115,6 @@ def split_at_pauses(
 
     prm = _Params(
         frame=frame,
-        margin_db=margin_db,
-        abs_floor_db=abs_floor_db,
         min_silence=to_frames(min_silence_s),
         pad=int(round(pad_s * sample_rate / frame)),
         min_speech=to_frames(min_speech_s),
@@ -126,7 +126,7 @@ def split_at_pauses(
     if len(audio) < frame:
         return []
     db = frame_energy_db(audio, frame)
-    active = db > _threshold_db(db, prm)
+    active = db > _threshold_db(db, margin_db=margin_db, abs_floor_db=abs_floor_db)
     spans = _speech_spans(active, prm)
     windows: list[Window] = []
     n_samples = len(audio)
@@ -149,8 +149,8 @@ def frame_energy_db(audio: np.ndarray, frame: int) -> np.ndarray:
     return (10.0 * np.log10(energy + _EPS)).astype(np.float32)
 
 
-def speech_extent(audio: np.ndarray, *, sample_rate: int = SAMPLE_RATE, margin_db: float = 10.0,
-                  abs_floor_db: float = -60.0) -> tuple[int, int]:
+def speech_extent(audio: np.ndarray, *, sample_rate: int = SAMPLE_RATE, margin_db: float = MARGIN_DB,
+                  abs_floor_db: float = ABS_FLOOR_DB) -> tuple[int, int]:
     """Where the active audio of ``audio`` (float ``[n]``) begins and ends: ``(first, end)`` samples.
 
     Active as :func:`split_at_pauses` reads it (``margin_db`` over the noise floor, above
@@ -160,9 +160,7 @@ def speech_extent(audio: np.ndarray, *, sample_rate: int = SAMPLE_RATE, margin_d
     if len(audio) < frame:
         return 0, len(audio)
     db = frame_energy_db(audio, frame)
-    prm = _Params(frame=frame, margin_db=margin_db, abs_floor_db=abs_floor_db, min_silence=1, pad=0,
-                  min_speech=1, max_len=len(db), target_len=len(db), min_window=1, smooth=1)
-    active = np.flatnonzero(db > _threshold_db(db, prm))
+    active = np.flatnonzero(db > _threshold_db(db, margin_db=margin_db, abs_floor_db=abs_floor_db))
     if not len(active):
         return 0, len(audio)
     return int(active[0]) * frame, min(len(audio), (int(active[-1]) + 1) * frame)
@@ -174,7 +172,7 @@ _BLOCK_FRAMES = 3000  # 30 s of 10 ms frames per noise-floor block
 _FLOOR_PERCENTILE = 5.0
 
 
-def _threshold_db(db: np.ndarray, prm: _Params) -> np.ndarray:
+def _threshold_db(db: np.ndarray, *, margin_db: float, abs_floor_db: float) -> np.ndarray:
     """Per-frame activity threshold: adaptive noise floor + margin, never below the absolute floor."""
     n = len(db)
     n_blocks = -(-n // _BLOCK_FRAMES)
@@ -186,7 +184,7 @@ def _threshold_db(db: np.ndarray, prm: _Params) -> np.ndarray:
     neighbour[1:] = np.minimum(neighbour[1:], floors[:-1])
     neighbour[:-1] = np.minimum(neighbour[:-1], floors[1:])
     per_frame = np.repeat(neighbour, _BLOCK_FRAMES)[:n]
-    return np.maximum(per_frame + prm.margin_db, prm.abs_floor_db).astype(np.float32)
+    return np.maximum(per_frame + margin_db, abs_floor_db).astype(np.float32)
 
 
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
