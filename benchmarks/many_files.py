@@ -32,7 +32,6 @@ import datetime as _dt
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_section import write_section  # noqa: E402
-from throughput import ct2_dir_for, error_rates, machine_info, read_manifest  # noqa: E402
+from throughput import ct2_dir_for, error_rates, machine_info, read_manifest, run_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
@@ -143,20 +142,15 @@ def select_clips(limit: int, min_seconds: float, max_seconds: float) -> list[dic
 
 
 def run_system(system: str, clips: list[dict], args: argparse.Namespace, env: dict[str, str], tmp: Path) -> dict:
-    spec = {"system": system, "paths": [c["path"] for c in clips], "out": str(tmp / f"{system}.out.json"),
+    spec = {"system": system, "set": "files", "paths": [c["path"] for c in clips],
             "log": str(tmp / f"{system}.progress.log"), "data_dir": str(tmp / f"{system}-data"),
             "workers": args.workers, "threads": args.threads,
             "pack_max_objects": 1 if system == "per-file" else None, "ct2_dir": args.ct2_dir}
-    spec_path = tmp / f"{system}.spec.json"
-    spec_path.write_text(json.dumps(spec), encoding="utf-8")
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                          env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = run_child(spec, env, tmp, script=__file__)
     process_wall = time.monotonic() - t0
-    if proc.returncode != 0 or not Path(spec["out"]).is_file():
-        tail = " | ".join(proc.stdout.strip().splitlines()[-12:])
-        return {"system": system, "error": f"exit {proc.returncode}: {tail}"}
-    result = json.loads(Path(spec["out"]).read_text(encoding="utf-8"))
+    if "error" in result:
+        return result
     result["system"] = system
     if system in FW_SYSTEMS:
         result["wall"] = process_wall
