@@ -519,7 +519,7 @@ def test_encoder_dtype_setting(monkeypatch):
 
 
 def test_bf16_encoder_is_close_and_leaves_the_checkpoint_alone(tiny_engine_fp32, tiny_model):
-    """CastEncoder computes in bf16 on a copy; its float32 outputs stay close to the fp32 graph's."""
+    """CastEncoder computes in bf16 on a copy; its bf16 cross K/V (what the step reads) stay close to the fp32 graph's."""
     from batch_job.engine.graphs import CastEncoder, EncoderGraph
 
     model = tiny_model
@@ -530,5 +530,25 @@ def test_bf16_encoder_is_close_and_leaves_the_checkpoint_alone(tiny_engine_fp32,
         want, got = fp32(mel), bf16(mel)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the shared checkpoint untouched
     for a, b in zip(got, want, strict=True):
-        assert a.dtype == torch.float32 and a.shape == b.shape
-        assert (a - b).norm() / b.norm() < 0.05
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape
+        assert (a.float() - b).norm() / b.norm() < 0.05
+
+
+def test_step_reads_bf16_cross_kv_close_to_float32(tiny_engine_fp32, tiny_model):
+    """The CPU path hands the step bf16 cross K/V (CastEncoder): the float32 step meets them in
+    bf16 and returns float32 logits with the same next token as reading them widened to float32."""
+    from batch_job.engine.graphs import CastEncoder, DecoderStepGraph, EncoderGraph, StackedCacheStep
+
+    dims = tiny_engine_fp32.dims
+    encoder = CastEncoder(EncoderGraph(tiny_model).eval(), torch.bfloat16).eval()
+    step = StackedCacheStep(DecoderStepGraph(tiny_model)).eval()
+    mel = tiny_engine_fp32.log_mel([load_clip("jfk.flac")], 1)
+    cache = torch.zeros(dims.layers, 1, dims.heads, tiny_engine_fp32.cache_len, dims.head_dim)
+    tokens, position = torch.full((1, 1), tiny_engine_fp32.tokens.sot, dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    with torch.inference_mode():
+        cross_k, cross_v = encoder(mel)
+        narrow, new_k, _ = step(tokens, position, cache, cache, cross_k, cross_v)
+        wide, *_ = step(tokens, position, cache, cache, cross_k.float(), cross_v.float())
+    assert cross_k.dtype == torch.bfloat16 and narrow.dtype == torch.float32 and new_k.dtype == torch.float32
+    assert (narrow - wide).norm() / wide.norm() < 0.01
+    assert narrow.topk(5).indices.tolist() == wide.topk(5).indices.tolist()

@@ -152,17 +152,20 @@ def _bucket_steps_class():
     return BucketSteps
 
 
-def trace_cpu_graphs(encoder: Any, step: Any, dims: ModelDims, buckets: Sequence[int], sot: int) -> TracedCpuGraphs:
+def trace_cpu_graphs(encoder: Any, step: Any, dims: ModelDims, buckets: Sequence[int], sot: int,
+                     cross_dtype: str = "float32") -> TracedCpuGraphs:
     """``torch.jit.trace`` the encoder (at batch 1; batch-generic) and the step at every bucket.
 
     Inputs are zeros (the graphs have no data-dependent control flow; the step writes nothing).
-    The step script has one method ``b<B>`` per bucket.
+    The step script has one method ``b<B>`` per bucket, traced for cross K/V in ``cross_dtype``
+    (the encoder's output dtype: :class:`~batch_job.engine.graphs.CastEncoder`).
     """
     import warnings
 
     import torch
 
-    cross = lambda b: torch.zeros(dims.layers, b, dims.heads, N_AUDIO_CTX, dims.head_dim)  # noqa: E731
+    dtype = getattr(torch, cross_dtype)
+    cross = lambda b: torch.zeros(dims.layers, b, dims.heads, N_AUDIO_CTX, dims.head_dim, dtype=dtype)  # noqa: E731
     cache = lambda b: torch.zeros(dims.layers, b, dims.heads, dims.cache_len, dims.head_dim)  # noqa: E731
     wrapper = _bucket_steps_class()(step).eval()
     methods = {}

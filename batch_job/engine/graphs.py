@@ -92,13 +92,15 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
 
 def _one_query_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Attention of ONE (pre-scaled) query per row over ``S`` keys: ``q [B, H, 1, Dh]``, ``k, v [B, H, S, Dh]``
-    -> ``(out [B, H, 1, Dh], probs [B, H, 1, S] float32)``.
+    -> ``(out [B, H, 1, Dh] in q's dtype, probs [B, H, 1, S] float32)``.
 
     Two batched matmuls and a float32 softmax: for one query this is faster on CPU than
-    ``scaled_dot_product_attention``, whose kernels are built for blocks of queries.
+    ``scaled_dot_product_attention``, whose kernels are built for blocks of queries. ``k, v``
+    may be held in a narrower dtype than ``q`` (the CPU path's bfloat16 cross K/V, see
+    :class:`CastEncoder`): the query meets them in their dtype, the output returns in ``q``'s.
     """
-    probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float(), dim=-1)  # [B, H, 1, S]
-    return torch.matmul(probs.to(v.dtype), v), probs
+    probs = torch.softmax(torch.matmul(q.to(k.dtype), k.transpose(-1, -2)).float(), dim=-1)  # [B, H, 1, S]
+    return torch.matmul(probs.to(v.dtype), v).to(q.dtype), probs
 
 
 def _cached_attention(q: Tensor, k: Tensor, v: Tensor, cache_k: Tensor, cache_v: Tensor, past: Tensor) -> Tensor:
@@ -166,9 +168,12 @@ class EncoderGraph(nn.Module):
 class CastEncoder(nn.Module):
     """An encoder graph computed in ``dtype`` (bfloat16 on CPUs that multiply it natively).
 
-    ``forward(mel [B, M, 3000] float32) -> (cross_k, cross_v)`` float32, as :class:`EncoderGraph`'s:
-    the decoder and its cache never see the lower precision's dtype. The weights are a converted
-    copy: the checkpoint's modules (shared with the decoder and the caller) stay as they are.
+    ``forward(mel [B, M, 3000] float32) -> (cross_k, cross_v)`` as :class:`EncoderGraph`'s, in
+    ``dtype``: they were computed in it, so widening them would add no precision, only bytes. A
+    CPU decoder step is bound by reading the cross K/V (``2 x [L, B, H, 1500, Dh]``) every step,
+    so the float32 step graph reads them in ``dtype`` (:func:`_one_query_attention`); its own
+    activations and self-attention cache stay float32. The weights are a converted copy: the
+    checkpoint's modules (shared with the decoder and the caller) stay as they are.
     """
 
     def __init__(self, encoder: nn.Module, dtype: torch.dtype) -> None:
@@ -177,8 +182,7 @@ class CastEncoder(nn.Module):
         self.dtype = dtype
 
     def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = self.inner(mel.to(self.dtype))
-        return k.float(), v.float()
+        return self.inner(mel.to(self.dtype))
 
 
 class DecoderStepGraph(nn.Module):
