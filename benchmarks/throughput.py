@@ -418,6 +418,32 @@ def run_child(spec: dict, env: dict[str, str], tmp: Path, script: str = __file__
     return json.loads(Path(spec["out"]).read_text(encoding="utf-8"))
 
 
+def run_set(spec: dict, rows: list[dict], env: dict[str, str], tmp: Path, multilingual: bool) -> dict:
+    """One system on one set in its own process: its result with per-file hypotheses, throughput and WER."""
+    audio_s = sum(r["seconds"] for r in rows)
+    res = run_child(spec, env, tmp)
+    res.update({"set": spec["set"], "files": len(rows), "audio_s": audio_s})
+    if "error" in res:
+        print(f"  FAILED: {res['error']}", flush=True)
+        return res
+    res["per_file"] = [{"audio": r["audio"], "language": r["language"], "seconds": r["seconds"], "text": r["text"], **o}
+                       for r, o in zip(rows, res.pop("outputs"))]
+    res["throughput"] = audio_s / res["wall_s"] if res["wall_s"] > 0 else float("inf")
+    res["error_rates"] = error_rates(res["per_file"], multilingual)
+    print(f"  load {res['load_s']:.2f} s, wall {res['wall_s']:.2f} s, "
+          f"{res['throughput']:.1f} audio-s/s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    return res
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The round with the median wall time (the first failure, if any round failed), with every
+    round's wall time as ``round_walls`` (in the order they ran)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    return {**sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2], "round_walls": [r["wall_s"] for r in runs]}
+
+
 def fmt(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -427,6 +453,9 @@ def render_table(results: list[dict], multilingual: bool) -> str:
     if multilingual:
         cols += ["WER other (basic norm.)", "CER ja/zh"]
     cols += ["peak RSS MB"]
+    rounds = any(len(r.get("round_walls", ())) > 1 for r in results)
+    if rounds:
+        cols += ["wall s of each round"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|"]
     ours = {r["set"]: r for r in results if r["system"] == "ours" and "error" not in r}
     for r in results:
@@ -448,6 +477,8 @@ def render_table(results: list[dict], multilingual: bool) -> str:
         if multilingual:
             row += [cell("other"), cell("cjk")]
         row += [fmt(r["peak_rss_mb"], 0)]
+        if rounds:
+            row += [" / ".join(fmt(w, 1) for w in r["round_walls"])]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -488,7 +519,10 @@ def render_notes(meta: dict) -> str:
     notes += [
         "- audio-s / wall-s: audio seconds / transcription wall seconds, audio decoding included; "
         "model load (imports + weights, `load s`) and a one-clip warm-up excluded. Each system and set "
-        "runs in its own process; peak RSS is that process's `ru_maxrss` (load included).",
+        "runs in its own process; peak RSS is that process's `ru_maxrss` (load included)."
+        + (f" {a['rounds']} rounds, in each every set ran by every system in turn; each row is that system's "
+           "median round on the set (its WER and RSS too), the last column every round's wall time."
+           if a.get("rounds", 1) > 1 else ""),
         "- ours: `Transcriber.transcribe_many` over all files of the set: windows are batched ACROSS "
         "files (a design advantage of the engine, used on purpose). Greedy, timestamps, temperature "
         "fallback, no conditioning on previous text.",
@@ -546,6 +580,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "stereo FLAC, MP3, stereo Ogg Vorbis)")
     p.add_argument("--docs-section", default=SECTION,
                    help="heading --write-docs replaces (default %(default)r; a subset of systems can go to its own)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every (set, system) this many times, systems interleaved; the table shows each one's median round")
     p.add_argument("--no-warmup", action="store_true", help="no one-clip warm-up before timing")
     p.add_argument("--json", metavar="OUT", help="write raw results (with per-file hypotheses) here")
     p.add_argument("--write-docs", action="store_true", help="replace/insert --docs-section in docs/benchmarks.md")
@@ -558,8 +594,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad or not systems:
         p.error(f"--systems: unknown {bad}; choose from {','.join(SYSTEMS)}")
     args.system_list = [s for s in SYSTEMS if s in systems]  # ours first: ratios need it
-    if args.threads < 1 or args.batch_size < 1 or args.limit < 0:
-        p.error("--threads and --batch-size must be >= 1, --limit >= 0")
+    if args.threads < 1 or args.batch_size < 1 or args.limit < 0 or args.rounds < 1:
+        p.error("--threads, --batch-size and --rounds must be >= 1, --limit >= 0")
     return args
 
 
@@ -622,42 +658,33 @@ def main(argv: list[str] | None = None) -> int:
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
 
-    results: list[dict] = []
+    runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmpname:
         tmp = Path(tmpname)
-        for system in args.system_list:
+        # Rounds outside, systems inside: a slow spell of this shared machine hits every system of
+        # a set alike, and the median round of each is what the table shows.
+        for k in range(args.rounds):
             for set_name, rows in sets.items():
-                items = [{"name": f"{i:04d}-{r['audio']}", "path": r["path"]} for i, r in enumerate(rows)]
-                spec = {
-                    "system": system,
-                    "set": set_name,
-                    "model": args.model,
-                    "cache_dir": str(cache_dir),
-                    "hf_dir": str(hf_dir),
-                    "ct2_dir": str(ct2_dir) if ct2_dir else None,
-                    "multilingual": multilingual,
-                    "threads": args.threads,
-                    "batch_size": args.batch_size,
-                    "items": items,
-                    "warmup": warmup,
-                }
-                audio_s = sum(r["seconds"] for r in rows)
-                print(f"running {system} on {set_name} ({len(rows)} files, {audio_s:.1f} s) ...", flush=True)
-                res = run_child(spec, env, tmp)
-                res.update({"set": set_name, "files": len(rows), "audio_s": audio_s})
-                if "error" not in res:
-                    per_file = []
-                    for r, o in zip(rows, res.pop("outputs")):
-                        per_file.append({"audio": r["audio"], "language": r["language"], "seconds": r["seconds"],
-                                         "text": r["text"], **o})
-                    res["per_file"] = per_file
-                    res["throughput"] = audio_s / res["wall_s"] if res["wall_s"] > 0 else float("inf")
-                    res["error_rates"] = error_rates(per_file, multilingual)
-                    print(f"  load {res['load_s']:.2f} s, wall {res['wall_s']:.2f} s, "
-                          f"{res['throughput']:.1f} audio-s/s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
-                else:
-                    print(f"  FAILED: {res['error']}", flush=True)
-                results.append(res)
+                for system in args.system_list:
+                    items = [{"name": f"{i:04d}-{r['audio']}", "path": r["path"]} for i, r in enumerate(rows)]
+                    spec = {
+                        "system": system,
+                        "set": set_name,
+                        "model": args.model,
+                        "cache_dir": str(cache_dir),
+                        "hf_dir": str(hf_dir),
+                        "ct2_dir": str(ct2_dir) if ct2_dir else None,
+                        "multilingual": multilingual,
+                        "threads": args.threads,
+                        "batch_size": args.batch_size,
+                        "items": items,
+                        "warmup": warmup,
+                    }
+                    label = f" (round {k + 1}/{args.rounds})" if args.rounds > 1 else ""
+                    print(f"running {system} on {set_name}{label} ...", flush=True)
+                    res = run_set(spec, rows, env, tmp, multilingual)
+                    runs.setdefault((system, set_name), []).append(res)
+    results = [median_run(runs[(system, set_name)]) for system in args.system_list for set_name in sets]
 
     machine["loadavg_end"] = list(os.getloadavg())
     command = "python benchmarks/throughput.py" + "".join(
