@@ -552,3 +552,61 @@ def test_step_reads_bf16_cross_kv_close_to_float32(tiny_engine_fp32, tiny_model)
     assert cross_k.dtype == torch.bfloat16 and narrow.dtype == torch.float32 and new_k.dtype == torch.float32
     assert (narrow - wide).norm() / wide.norm() < 0.01
     assert narrow.topk(5).indices.tolist() == wide.topk(5).indices.tolist()
+
+
+def test_batch_shrinks_as_rows_finish_with_the_same_tokens(tiny_engine_fp32):
+    """Rows that finish leave the batch (the step runs on the bucket of the rows left): with float32
+    graphs every row's tokens and log-probabilities are those of the fixed-size batch."""
+    engine = tiny_engine_fp32
+    rows = [load_clip("jfk.flac", s) for s in (11.0, 2.0, 6.0, 4.0)]  # texts of different lengths
+    moves = []
+    original = type(engine._inference[4]).move_rows
+
+    def counting(self, keep, into):
+        moves.append((self.shape.batch, into.shape.batch))
+        return original(self, keep, into)
+
+    options = DecodingOptions(max_new_tokens=96)
+    assert engine.shrinks
+    try:
+        engine.shrinks = False
+        fixed, _ = engine.decode(rows, options)
+        engine.shrinks = True
+        type(engine._inference[4]).move_rows = counting
+        shrunk, _ = engine.decode(rows, options)
+    finally:
+        type(engine._inference[4]).move_rows = original
+        engine.shrinks = True
+    assert moves and all(a > b for a, b in moves) and moves[0][0] == 4  # 4 rows -> fewer, never back
+    assert len({len(r.tokens) for r in fixed}) > 1
+    for a, b in zip(fixed, shrunk, strict=True):
+        assert a.tokens == b.tokens
+        assert a.avg_logprob == pytest.approx(b.avg_logprob, abs=1e-4)
+        assert max((abs(x - y) for x, y in zip(a.token_logprobs, b.token_logprobs)), default=0.0) < 1e-3
+    assert all(i.cross_k is None for i in engine._inference.values())  # every bucket it used released
+
+
+def test_move_rows_needs_a_batch_of_exactly_the_rows_kept(tiny_engine_fp32):
+    engine = tiny_engine_fp32
+    four, two = engine._inference[4], engine._inference[2]
+    with pytest.raises(RuntimeError, match="start"):
+        four.move_rows(torch.tensor([0, 1]), two)
+    with torch.inference_mode():
+        four.start(engine.log_mel([load_clip("jfk.flac", 3.0)], 4))
+        try:
+            with pytest.raises(ValueError, match="cannot move 3 rows into a batch of 2"):
+                four.move_rows(torch.tensor([0, 1, 3]), two)
+            moved = four.move_rows(torch.tensor([3, 1]), two)
+            assert moved is two and four.cross_k is None
+            assert torch.equal(two.cross_k[:, 0], two.cross_k[:, 1])  # rows 1 and 3 were both padding (silence)
+        finally:
+            four.finish()
+            two.finish()
+
+
+def test_shrink_is_refused_with_an_alignment_record(tiny_engine_fp32):
+    from batch_job.engine.decoding import decode_batch
+
+    with pytest.raises(ValueError, match="alignment"):
+        decode_batch(engine := tiny_engine_fp32._inference[1], tiny_engine_fp32.tokens, DecodingOptions(),
+                     n_rows=1, batch_size=1, alignment=torch.zeros(1), shrink=lambda keep: engine)

@@ -12,7 +12,7 @@ loop per step), following openai/whisper's ``decoding.py``.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -57,6 +57,12 @@ class DecodingResult:
     """With word timestamps: the alignment heads' attention ``[A, n, S]`` float32 of the queries
     whose outputs were ``tokens`` and then ``<|endoftext|>`` (row ``i`` chose ``tokens[i]``;
     ``n = len(tokens) + 1``, or ``len(tokens)`` for a truncated row); ``None`` otherwise."""
+
+
+Shrink = Callable[[Tensor], Inference | None]
+"""``shrink(keep)``: ``keep [n]`` int64, the positions (among the current inference's rows) of the
+rows still decoding -> an :class:`~batch_job.engine.graphs.Inference` that holds exactly those rows,
+in that order, with their caches as they are; or ``None`` to go on with the current one."""
 
 
 class LogitFilter(Protocol):
@@ -169,6 +175,7 @@ def decode_batch(
     batch_size: int,
     temperatures: Sequence[float] | None = None,
     alignment: Tensor | None = None,
+    shrink: Shrink | None = None,
 ) -> list[DecodingResult]:
     """Decode the batch that ``inference`` was just started on; return the first ``n_rows`` results.
 
@@ -177,7 +184,14 @@ def decode_batch(
     Uses ``max_new_tokens + prompt length`` cache slots, which must fit the inference's cache.
     ``alignment``: the inference's attention record ``[T, B, A, S]``, filled while this runs
     (:class:`~batch_job.engine.graphs.BatchInference`); each result gets its rows.
+    ``shrink`` (never with ``alignment``, whose record is per batch row): after a step in which
+    rows finished, the loop asks it for an inference holding only the unfinished rows
+    (:data:`Shrink`) and steps that one from then on, so finished rows stop costing steps (a CPU
+    step's time grows with its rows). Tokens are the same as without it up to the float rounding
+    of a smaller batch.
     """
+    if shrink is not None and alignment is not None:
+        raise ValueError("shrink cannot be used with an alignment record")
     device = torch.device("cpu")
     B = batch_size
     langs_in: list[str | None] = [options.language] * B  # None: detected per row
@@ -206,18 +220,21 @@ def decode_batch(
             max_initial = round(options.max_initial_timestamp / SECONDS_PER_TIMESTAMP)
         filters.append(ApplyTimestampRules(tokens, max_initial))
 
-    temps = torch.tensor(list(temperatures) if temperatures is not None else [options.temperature] * n_rows, dtype=torch.float32)
-    temps = torch.cat([temps, torch.zeros(B - n_rows)])
-    sampling = temps > 0
-    generator = torch.Generator().manual_seed(options.seed) if bool(sampling.any()) else None
-    finished = torch.zeros(B, dtype=torch.bool)
-    finished[n_rows:] = True
+    row_temps = torch.tensor(list(temperatures) if temperatures is not None else [options.temperature] * n_rows, dtype=torch.float32)
+    row_temps = torch.cat([row_temps, torch.zeros(B - n_rows)])
+    generator = torch.Generator().manual_seed(options.seed) if bool((row_temps > 0).any()) else None
+    # Per batch row, [B] / [B, steps]: a row that finished (or that ``shrink`` dropped) keeps
+    # <|endoftext|> from then on. ``rows``: which batch rows the inference's rows are, in order.
     sum_logprob = torch.zeros(B)
     n_tokens = torch.zeros(B, dtype=torch.long)
-    step_logprobs: list[Tensor] = []
+    generated = torch.full((B, options.max_new_tokens), tokens.eot, dtype=torch.long)
+    chosen_logprobs = torch.zeros(B, options.max_new_tokens)
+    rows = torch.arange(B)
+    temps = row_temps
+    finished = rows >= n_rows
     minus_one = torch.full((B,), -1, dtype=torch.long)
     state = DecodeState(step=0, last=minus_one, penultimate=minus_one, last_timestamp=minus_one)
-    out: list[Tensor] = []
+    steps = 0
     for step in range(options.max_new_tokens):
         state.step = step
         for f in filters:
@@ -226,24 +243,32 @@ def decode_batch(
         if generator is not None:
             scaled = torch.softmax(logits / temps.clamp(min=1e-4).unsqueeze(1), dim=-1)
             sampled = torch.multinomial(scaled, 1, generator=generator).squeeze(1)
-            nxt = torch.where(sampling, sampled, nxt)
+            nxt = torch.where(temps > 0, sampled, nxt)
         logprob = logits.gather(1, nxt.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
         active = ~finished
-        sum_logprob += torch.where(active, logprob, torch.zeros_like(logprob))
-        n_tokens += active.long()
+        sum_logprob.index_add_(0, rows, torch.where(active, logprob, torch.zeros_like(logprob)))
+        n_tokens.index_add_(0, rows, active.long())
         nxt = torch.where(finished, torch.full_like(nxt, tokens.eot), nxt)
-        out.append(nxt)
-        step_logprobs.append(logprob)
+        generated[rows, step] = nxt
+        chosen_logprobs[rows, step] = logprob
+        steps = step + 1
         finished |= nxt == tokens.eot
         state.penultimate = state.last
         state.last = nxt
         state.last_timestamp = torch.where(nxt >= tokens.timestamp_begin, nxt, state.last_timestamp)
         if bool(finished.all()) or step == options.max_new_tokens - 1:
             break
+        if shrink is not None and bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(1)  # [n] positions among the inference's rows
+            smaller = shrink(keep)
+            if smaller is not None:
+                inference = smaller
+                rows, nxt, temps, finished = rows[keep], nxt[keep], temps[keep], finished[keep]
+                state.last, state.penultimate = state.last[keep], state.penultimate[keep]
+                state.last_timestamp = state.last_timestamp[keep]
         logits = inference.logits(nxt.unsqueeze(1), P + step).to(device).float()
 
-    generated = torch.stack(out, dim=1) if out else torch.empty(B, 0, dtype=torch.long)  # [B, steps]
-    chosen_logprobs = torch.stack(step_logprobs, dim=1) if step_logprobs else torch.empty(B, 0)
+    generated, chosen_logprobs = generated[:, :steps], chosen_logprobs[:, :steps]  # [B, steps]
     results = []
     for r in range(n_rows):
         row = generated[r].tolist()
@@ -251,16 +276,16 @@ def decode_batch(
         if not truncated:
             row = row[: row.index(tokens.eot)]
         attention = None
-        if alignment is not None:  # the query at P - 1 + i chose token i; positions P - 1 .. P - 2 + len(out) ran
-            rows = alignment[P - 1 : min(P + len(row), P - 1 + len(out)), r]  # [n, A, S]
-            attention = rows.transpose(0, 1).float().cpu().numpy()
+        if alignment is not None:  # the query at P - 1 + i chose token i; positions P - 1 .. P - 2 + steps ran
+            queries = alignment[P - 1 : min(P + len(row), P - 1 + steps), r]  # [n, A, S]
+            attention = queries.transpose(0, 1).float().cpu().numpy()
         results.append(
             DecodingResult(
                 tokens=tuple(row),
                 language=languages_out[r],
                 avg_logprob=float(sum_logprob[r] / max(1, int(n_tokens[r]))),
                 no_speech_prob=float(no_speech[r]),
-                temperature=float(temps[r]),
+                temperature=float(row_temps[r]),
                 truncated=truncated,
                 token_logprobs=tuple(chosen_logprobs[r, : len(row)].tolist()),
                 alignment=attention,

@@ -169,20 +169,25 @@ class CastEncoder(nn.Module):
     """An encoder graph computed in ``dtype`` (bfloat16 on CPUs that multiply it natively).
 
     ``forward(mel [B, M, 3000] float32) -> (cross_k, cross_v)`` as :class:`EncoderGraph`'s, in
-    ``dtype``: they were computed in it, so widening them would add no precision, only bytes. A
-    CPU decoder step is bound by reading the cross K/V (``2 x [L, B, H, 1500, Dh]``) every step,
-    so the float32 step graph reads them in ``dtype`` (:func:`_one_query_attention`); its own
-    activations and self-attention cache stay float32. The weights are a converted copy: the
-    checkpoint's modules (shared with the decoder and the caller) stay as they are.
+    ``output_dtype`` (default ``dtype``). They were computed in ``dtype``, so widening them adds
+    no precision, only bytes: a CPU decoder step is bound by reading the cross K/V
+    (``2 x [L, B, H, 1500, Dh]``) every step, and the float32 step graph reads them in their dtype
+    (:func:`_one_query_attention`), its own activations and self-attention cache staying float32.
+    Word timestamps read the alignment heads' attention probabilities themselves, which bf16
+    scores would move; their graphs ask for float32 (``output_dtype``). The weights are a
+    converted copy: the checkpoint's modules (shared with the decoder and the caller) stay as
+    they are.
     """
 
-    def __init__(self, encoder: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, encoder: nn.Module, dtype: torch.dtype, output_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.inner = copy.deepcopy(encoder).to(dtype)
         self.dtype = dtype
+        self.output_dtype = output_dtype or dtype
 
     def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
-        return self.inner(mel.to(self.dtype))
+        k, v = self.inner(mel.to(self.dtype))
+        return k.to(self.output_dtype), v.to(self.output_dtype)
 
 
 class DecoderStepGraph(nn.Module):
@@ -383,6 +388,26 @@ class StaticCacheInference:
         """Drop the batch's cross-attention K/V (``2 x [L, B, H, 1500, Dh]``, the largest buffers)."""
         self.cross_k = self.cross_v = None
         self.alignment = None
+
+    def move_rows(self, keep: Tensor, into: StaticCacheInference) -> StaticCacheInference:
+        """Hand the rows ``keep`` (``[n]`` int64, in that order) of this batch, caches as they are, to
+        ``into`` (an inference of exactly ``n`` rows, same cache length); this one's batch is released.
+
+        Decoding goes on in ``into`` at the next position: its self caches get these rows' slots
+        (all of them; slots at or after the position are masked anyway) and its cross K/V these
+        rows' (a copy of ``n x 2L x [H, 1500, Dh]``). No word-timestamp record moves.
+        """
+        if self.cross_k is None or self.cross_v is None:
+            raise RuntimeError("call start() first")
+        if into.shape.batch != len(keep) or into.shape.length != self.shape.length or into is self:
+            raise ValueError(f"cannot move {len(keep)} rows into a batch of {into.shape.batch}")
+        index = keep.to(self.device)
+        torch.index_select(self.self_k, 1, index, out=into.self_k)
+        torch.index_select(self.self_v, 1, index, out=into.self_v)
+        into.cross_k, into.cross_v = self.cross_k.index_select(1, index), self.cross_v.index_select(1, index)
+        into.alignment = None
+        self.finish()
+        return into
 
     def logits(self, tokens: Tensor, position: int) -> Tensor:
         if position >= self.shape.length:

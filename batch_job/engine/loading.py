@@ -6,7 +6,7 @@ one of three ways, then builds the :class:`~batch_job.engine.runner.Engine` from
 * ``cpu``: the decoder's Linear layers dynamically quantized to int8; the encoder in bfloat16
   where the CPU multiplies it natively (``encoder_dtype``,
   :class:`~batch_job.engine.graphs.CastEncoder`; the cross K/V it hands the decoder stay
-  bfloat16, half the bytes each step reads), else float32 (an int8 encoder costs several
+  bfloat16, half the bytes each step reads, except with word timestamps), else float32 (an int8 encoder costs several
   WER points); with ``jit_decoder`` (the default) both graphs are ``torch.jit.trace``-d and
   saved in the graph cache (:mod:`batch_job.engine.graph_cache`), so later starts load them
   without transformers. The cache key is computed here, from the checkpoint's checksum
@@ -125,10 +125,11 @@ def model_bundle(loaded: LoadedModel, settings: Settings, device: Device) -> Mod
     if device == "cpu" and settings.quantize_decoder:
         step = torch.ao.quantization.quantize_dynamic(step, {torch.nn.Linear}, dtype=torch.qint8)
     encoder_dtype = cpu_encoder_dtype(settings) if device == "cpu" else "float32"
+    cross_dtype = "float32" if heads else encoder_dtype  # word timing reads the attention itself (CastEncoder)
     if encoder_dtype == "bfloat16":
-        encoder = CastEncoder(encoder, torch.bfloat16).eval()
+        encoder = CastEncoder(encoder, torch.bfloat16, getattr(torch, cross_dtype)).eval()
     if uses_graph_cache(settings, device):
-        traced = graph_cache.trace_cpu_graphs(encoder, step, dims, sizes, loaded.tokens.sot, cross_dtype=encoder_dtype)
+        traced = graph_cache.trace_cpu_graphs(encoder, step, dims, sizes, loaded.tokens.sot, cross_dtype=cross_dtype)
         graphs = graph_cache.bucket_graphs(traced, sizes)
     elif settings.jit_decoder:
         # One traced step graph per bucket (shapes differ), traced on first use.

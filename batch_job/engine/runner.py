@@ -27,7 +27,7 @@ class Engine:
     def __init__(self, bundle: ModelBundle) -> None:
         import torch
 
-        from batch_job.engine.graphs import CacheShape
+        from batch_job.engine.graphs import CacheShape, StaticCacheInference
 
         self.bundle = bundle
         self.device = bundle.device
@@ -45,6 +45,10 @@ class Engine:
                                           device=torch_device, alignment_heads=len(bundle.alignment_heads))
             for b in self.buckets
         }
+        self.shrinks = all(isinstance(i, StaticCacheInference) for i in self._inference.values())
+        """Whether a batch moves to a smaller bucket as its rows finish (CPU/CUDA: the caches are host
+        tensors that :meth:`~batch_job.engine.graphs.StaticCacheInference.move_rows` copies; Neuron's
+        live on the device, in graphs compiled for one batch size each)."""
 
     def check_language(self, language: str) -> str:
         """Validate a language code for this model (English-only models accept only ``en``)."""
@@ -82,6 +86,16 @@ class Engine:
         t0 = time.perf_counter()
         mel = self.log_mel(rows, batch)
         t1 = time.perf_counter()
+        current = [inference]
+
+        def shrink(keep: torch.Tensor):
+            """The bucket of exactly ``len(keep)`` rows, holding them (``None``: there is none)."""
+            target = self._inference.get(len(keep))
+            if target is None or target is current[-1]:
+                return None
+            current.append(current[-1].move_rows(keep, target))
+            return target
+
         with torch.inference_mode():
             inference.start(mel)
             t2 = time.perf_counter()
@@ -89,10 +103,11 @@ class Engine:
                 results = decode_batch(
                     inference, self.tokens, options, n_rows=n, batch_size=batch, temperatures=temperatures,
                     alignment=inference.alignment,
+                    shrink=shrink if self.shrinks and inference.alignment is None else None,
                 )
             finally:
                 # Each bucket would otherwise keep its last batch's encoder output alive: with
                 # buckets 1..8 that is up to 36 rows of cross K/V (~1.3 GB for tiny.en).
-                inference.finish()
+                current[-1].finish()
         t3 = time.perf_counter()
         return results, {"features": t1 - t0, "encode": t2 - t1, "decode": t3 - t2}
