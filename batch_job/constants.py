@@ -26,6 +26,13 @@ JOIN_SLACK_SECONDS = 0.5
 """A decoded segment of a joined window (distant stretches of one file in one row) that overlaps
 two of its parts by more than this each ran across the join: it is not kept, and what it covered
 is decoded again (a timestamp straying less than this across a join is only noise)."""
+MAX_TOKENS_PER_SECOND = 16
+MAX_TOKENS_BASE = 32
+"""A window stops after ``MAX_TOKENS_BASE + MAX_TOKENS_PER_SECOND x its seconds`` tokens (at most
+``max_new_tokens``): speech takes 3-5 tokens a second in English and up to ~12 in languages
+written in many tokens per character, so only a repetition loop gets there; it stops there, not at
+the cap (224), and the guards retry it as they would at the cap (a 5 s window looping at
+temperature 0 took 204 steps). Windows of 12 s and more keep the full cap."""
 PROMPT_SLOTS = 4
 """Decoder prompt tokens at most: ``<|sot|> <|lang|> <|task|>`` (+ ``<|notimestamps|>``)."""
 LANGUAGE_TOKEN_PATTERN = r"^<\|[a-z]{2,3}\|>$"

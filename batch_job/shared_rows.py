@@ -52,20 +52,24 @@ ROW_GAP_SAMPLES = int(ROW_GAP_SECONDS * SAMPLE_RATE)
 
 def plan_rows(lengths: Sequence[int], shareable: Sequence[bool], *, max_rows: int,
               capacity: int = ROW_SAMPLES, gap: int = ROW_GAP_SAMPLES, max_parts: int = ROW_MAX_PARTS,
-              missed: Sequence[Collection[int]] | None = None) -> list[tuple[int, ...]]:
-    """First-fit rows over windows given longest first: at most ``max_rows`` rows of indices.
+              missed: Sequence[Collection[int]] | None = None,
+              widths: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """First-fit rows over windows given longest first: rows of indices filling at most ``max_rows`` batch rows.
 
     ``lengths[i]``: window ``i``'s samples; a window that is not ``shareable`` (a retry, or one
-    that shared rows passed over too often) gets a row of its own; ``missed[i]``: the ids of the
-    shared rows that passed window ``i`` over, two windows that were in one such row never share
-    again. Windows that fit in no row are left out (they wait for the next batch). Each row keeps
-    its windows in the order given.
+    that shared rows passed over too often) gets a row of its own, ``widths[i]`` batch rows wide
+    (default 1; a temperature fallback decoded at several temperatures at once is wider);
+    ``missed[i]``: the ids of the shared rows that passed window ``i`` over, two windows that were
+    in one such row never share again. Windows that fit in no row are left out (they wait for the
+    next batch). Each row keeps its windows in the order given.
     """
     apart = [set(m) for m in missed] if missed is not None else [set() for _ in lengths]
     rows: list[list[int]] = []
     used: list[int] = []
+    slots = 0  # batch rows taken
     for i, n in enumerate(lengths):
-        if shareable[i]:
+        width = widths[i] if widths is not None else 1
+        if shareable[i] and width == 1:
             for r, row in enumerate(rows):
                 if (len(row) < max_parts and used[r] + gap + n <= capacity
                         and not any(apart[i] & apart[j] for j in row)):
@@ -73,12 +77,14 @@ def plan_rows(lengths: Sequence[int], shareable: Sequence[bool], *, max_rows: in
                     used[r] += gap + n
                     break
             else:
-                if len(rows) < max_rows:
+                if slots < max_rows:
                     rows.append([i])
                     used.append(n)
-        elif len(rows) < max_rows:
+                    slots += 1
+        elif slots + width <= max_rows:
             rows.append([i])
             used.append(capacity)  # full: nothing joins a window that must stay alone
+            slots += width
     return [tuple(r) for r in rows]
 
 

@@ -60,6 +60,7 @@ class WindowTask:
     alone: bool = False  # decoded in a row of its own: never joined, never in a shared row (rows passed it over, or a join failed)
     missed_rows: tuple[int, ...] = ()  # shared rows that passed it over (shared_rows.ROW_MAX_TRIES); it never meets their windows again
     rereads: int = 0  # times its audio was split as under-read (Guards.min_chars_per_second); at most Guards.max_rereads
+    fan: int = 1  # attempts decoded at once, in a row each: ``attempt .. attempt + fan - 1`` (a temperature fallback in one batch)
 
     @property
     def samples(self) -> int:
@@ -89,20 +90,22 @@ class WindowHandler(Protocol):
 
     def decode_windows(self, tasks: Sequence[WindowTask], files: Mapping[Hashable, FileState],
                        options: DecodingOptions, rows: Sequence[tuple[int, ...]] | None = None,
-                       ) -> list[DecodingResult | None]:
-        """Decode ``tasks`` as one batch; one result per task.
+                       ) -> list[tuple[DecodingResult, ...] | None]:
+        """Decode ``tasks`` as one batch; per task, its attempts' results in order (``task.fan`` of them).
 
-        ``rows`` (only from a stream that shares rows): which tasks share each encoder row, at
-        most ``batch_size`` rows (:mod:`batch_job.shared_rows`); ``None`` = a row per task (at most
-        ``batch_size`` tasks). A task's result is ``None`` when its shared row did not decode it:
-        the stream queues it again, for another shared row without that row's windows, or alone
-        once :data:`~batch_job.shared_rows.ROW_MAX_TRIES` rows passed it over.
+        ``rows`` (only from a stream that shares rows): which tasks share each encoder row
+        (:mod:`batch_job.shared_rows`); ``None`` = a row per task. Either way the batch holds at
+        most ``batch_size`` rows, a task of ``fan`` attempts taking ``fan`` of them. A task's
+        result is ``None`` when its shared row did not decode it: the stream queues it again, for
+        another shared row without that row's windows, or alone once
+        :data:`~batch_job.shared_rows.ROW_MAX_TRIES` rows passed it over.
         """
         ...
 
     def accept_window(self, task: WindowTask, result: DecodingResult, state: FileState) -> tuple[WindowTask, ...]:
-        """Record a window's result in ``state``; return its follow-ups (a retry, a tail, or the
-        parts of a joined window to decode alone), ``()`` when the window is done."""
+        """Record a window's result in ``state``; return its follow-ups (a retry: the same window at
+        ``attempt + 1``; a tail; or the parts of a joined window to decode alone), ``()`` when the
+        window is done."""
         ...
 
     def finish_file(self, state: FileState) -> FileResult:
@@ -224,7 +227,7 @@ class TranscriptionStream:
                 missed = (*task_.missed_rows, row_ids[i])
                 self._queue.append(replace(task_, missed_rows=missed, alone=len(missed) >= ROW_MAX_TRIES))
                 continue
-            follow_ups = self._handler.accept_window(task_, result, state)
+            follow_ups = self._accept(task_, result, state)
             self._queue.extend(follow_ups)
             # a tail or a part decoded again is a new window; a retry is the same one, not yet done
             self.total_windows += sum(f.attempt == 0 for f in follow_ups)
@@ -237,6 +240,20 @@ class TranscriptionStream:
             finished += self._finish_all()
         return finished, report
 
+    def _accept(self, task: WindowTask, decoded: Sequence[DecodingResult], state: FileState) -> list[WindowTask]:
+        """A task's attempts, accepted in order as if decoded one after another: while the handler
+        sends the window back for its next attempt, the next one decoded answers it. Follow-ups
+        are clamped to ``batch_size`` rows (a fan wider than a batch could never be picked)."""
+        current = replace(task, fan=1)
+        for j, result in enumerate(decoded):
+            follow_ups = self._handler.accept_window(current, result, state)
+            retry = (len(follow_ups) == 1 and follow_ups[0].window is task.window
+                     and follow_ups[0].attempt == current.attempt + 1)
+            if not retry or j == len(decoded) - 1:
+                return [replace(f, fan=min(f.fan, self.batch_size)) for f in follow_ups]
+            current = replace(follow_ups[0], fan=1)
+        raise ValueError(f"no result for a task of {task.fan} attempt(s)")
+
     def _pick(self) -> tuple[list[WindowTask], list[tuple[int, ...]] | None]:
         """Take one batch of tasks off the queue, all with the same decoding options, and the
         rows they share (``None``: a row each)."""
@@ -247,14 +264,19 @@ class TranscriptionStream:
             mine = [t for t in self._queue if self._files[t.file].options == options]
             if self._share_rows is not None and self._share_rows(options):
                 planned = plan_rows([t.samples for t in mine], [t.attempt == 0 and not t.alone for t in mine],
-                                    max_rows=self.batch_size, missed=[t.missed_rows for t in mine])
+                                    max_rows=self.batch_size, missed=[t.missed_rows for t in mine],
+                                    widths=[t.fan for t in mine])
                 taken = [mine[i] for row in planned for i in row]
                 rows, pos = [], 0
                 for row in planned:
                     rows.append(tuple(range(pos, pos + len(row))))
                     pos += len(row)
             else:
-                taken = mine[: self.batch_size]
+                taken, used = [], 0
+                for t in mine:
+                    if used + t.fan <= self.batch_size:
+                        taken.append(t)
+                        used += t.fan
         else:
             # Files in arrival order (dicts keep insertion order); each gives one window per round.
             oldest = next(k for k in self._files if any(t.file == k for t in self._queue))
@@ -263,11 +285,14 @@ class TranscriptionStream:
             for t in sorted(self._queue, key=lambda t: t.samples, reverse=True):
                 if t.file in per_file:
                     per_file[t.file].append(t)
-            taken = []
-            while len(taken) < self.batch_size and any(per_file.values()):
+            taken, used = [], 0
+            while used < self.batch_size and any(per_file.values()):
                 for waiting in per_file.values():
-                    if waiting and len(taken) < self.batch_size:
+                    if waiting and used + waiting[0].fan <= self.batch_size:
+                        used += waiting[0].fan
                         taken.append(waiting.pop(0))
+                    elif waiting and used < self.batch_size:
+                        waiting.clear()  # its next window is wider than the rows left: it waits for the next batch
         gone = {id(t) for t in taken}
         self._queue[:] = [t for t in self._queue if id(t) not in gone]
         return taken, rows

@@ -64,6 +64,12 @@ class Guards:
     Languages written without spaces use a third of it."""
     underread_seconds: float = 8.0
     max_rereads: int = 2
+    fallback_at_once: int = 5
+    """Temperatures a failed window is decoded at together, in one batch (a row each, its audio
+    encoded once), when it fails at the first: the first of them that passes is taken, as if
+    they had run one after another (1: one after another, openai/whisper's way). A window that
+    fails once usually fails again (unclear audio fails every temperature), and one after another
+    each retry is a batch of its own that waits for the last."""
 
 
 class _Span(NamedTuple):
@@ -203,21 +209,32 @@ class Transcriber:
         return known_language and not (self.settings is not None and self.settings.word_timestamps)
 
     def decode_windows(self, tasks: Sequence[WindowTask], files: Mapping[Hashable, FileState], options: DecodingOptions,
-                       rows: Sequence[tuple[int, ...]] | None = None) -> list[DecodingResult | None]:
+                       rows: Sequence[tuple[int, ...]] | None = None) -> list[tuple[DecodingResult, ...] | None]:
         rows = rows or [(i,) for i in range(len(tasks))]
         audio = [[tasks[i].window.audio(files[tasks[i].file].audio) for i in row] for row in rows]
         row_audio = [parts[0] if len(parts) == 1 else join_row(parts) for parts in audio]
-        temps = [self.guards.temperatures[tasks[row[0]].attempt] for row in rows]
-        decoded, timings = self.engine.decode(row_audio, options, temperatures=temps)
-        results: list[DecodingResult | None] = [None] * len(tasks)
-        for row, parts, result in zip(rows, audio, decoded):
+        # A task of several attempts (WindowTask.fan; never in a shared row) takes a batch row per
+        # temperature, each the SAME array: the engine encodes it once.
+        batch_rows, temps, owner = [], [], []
+        for r, (row, row_samples) in enumerate(zip(rows, row_audio)):
+            first = tasks[row[0]]
+            for j in range(first.fan):
+                batch_rows.append(row_samples)
+                temps.append(self.guards.temperatures[first.attempt + j])
+                owner.append(r)
+        decoded, timings = self.engine.decode(batch_rows, options, temperatures=temps)
+        by_row: list[list[DecodingResult]] = [[] for _ in rows]
+        for r, result in zip(owner, decoded):
+            by_row[r].append(result)
+        results: list[tuple[DecodingResult, ...] | None] = [None] * len(tasks)
+        for row, parts, got in zip(rows, audio, by_row):
             if len(row) == 1:
-                results[row[0]] = result
+                results[row[0]] = tuple(got)
                 continue
-            split = split_row(result, [len(p) for p in parts], timestamp_begin=self.engine.tokens.timestamp_begin,
+            split = split_row(got[0], [len(p) for p in parts], timestamp_begin=self.engine.tokens.timestamp_begin,
                               speech=[speech_extent(p) for p in parts])
             for i, part in zip(row, split):
-                results[i] = part
+                results[i] = None if part is None else (part,)
         share = 1.0 / len(tasks)
         for t in tasks:
             for k, v in timings.items():
@@ -237,7 +254,9 @@ class Transcriber:
             best = task.best
             if best is None or ratio < best[1]:
                 best = (result, ratio)
-            return (replace(task, attempt=task.attempt + 1, best=best),)
+            attempt = task.attempt + 1
+            fan = max(1, min(g.fallback_at_once, len(g.temperatures) - attempt))
+            return (replace(task, attempt=attempt, best=best, fan=fan),)
         if failed and task.best is not None and task.best[1] < ratio:
             result, ratio = task.best
         spans, consumed = self._split_by_timestamps(result, task)

@@ -12,7 +12,7 @@ from batch_job.engine.decoding import ApplyTimestampRules, DecodeState, Decoding
 from batch_job.engine.tokens import SpecialTokens
 from batch_job.result import Word
 from batch_job.segment import Packed, join_windows
-from batch_job.stream import FileState, Piece, WindowTask
+from batch_job.stream import FileState, Piece, TranscriptionStream, WindowTask
 from batch_job.transcribe import Guards, Transcriber, _place_words
 from tests.conftest import load_clip, reference_text
 
@@ -610,3 +610,121 @@ def test_shrink_is_refused_with_an_alignment_record(tiny_engine_fp32):
     with pytest.raises(ValueError, match="alignment"):
         decode_batch(engine := tiny_engine_fp32._inference[1], tiny_engine_fp32.tokens, DecodingOptions(),
                      n_rows=1, batch_size=1, alignment=torch.zeros(1), shrink=lambda keep: engine)
+
+
+def test_rows_of_one_array_are_encoded_once_with_the_same_tokens(tiny_engine_fp32):
+    """One window at several temperatures (the same array in every row) runs the encoder once, in
+    the bucket of its distinct rows, then fills the batch: greedy rows give the tokens of copies."""
+    engine = tiny_engine_fp32
+    clip, other = load_clip("jfk.flac", 6.0), load_clip("jfk.flac", 3.0)
+    started = []
+    original = type(engine._inference[2]).start
+
+    def counting(self, mel):
+        started.append(self.shape.batch)
+        return original(self, mel)
+
+    options = DecodingOptions(max_new_tokens=64)
+    copies, _ = engine.decode([clip.copy(), clip.copy(), other, clip.copy()], options)
+    type(engine._inference[2]).start = counting
+    try:
+        shared, _ = engine.decode([clip, clip, other, clip], options)
+    finally:
+        type(engine._inference[2]).start = original
+    assert started == [2]  # two distinct arrays: bucket 2 encoded, the 4-row batch decoded
+    assert [r.tokens for r in shared] == [r.tokens for r in copies]
+    assert shared[0].tokens == shared[1].tokens == shared[3].tokens != shared[2].tokens
+    assert all(i.cross_k is None for i in engine._inference.values())
+
+
+def test_a_failed_window_is_retried_at_the_other_temperatures_at_once():
+    """The retry of a window that fails at temperature 0 asks for every temperature left in one
+    task; the stream takes its attempts in order, so the first that passes is the one kept."""
+    ts = lambda s: 1002 + int(s / 0.02)  # noqa: E731
+    engine = _FakeEngine({1: " the same words again and again", 2: " a sentence that reads well"})
+    tr = Transcriber(engine, settings=None)  # type: ignore[arg-type]
+    looping = [t for i in range(12) for t in (ts(i), 1, ts(i + 1))]
+    state = FileState(name="x", audio=np.zeros(16000 * 20, np.float32), pending=1)
+    task = WindowTask(file=0, window=Packed(((0, 16000 * 20),)))
+    (retry,) = tr.accept_window(task, _result(looping), state)
+    assert (retry.attempt, retry.fan) == (1, 5) and retry.window is task.window
+
+    class Handler:
+        batch_size = 8
+
+        def __init__(self):
+            self.batches = []
+
+        def decode_windows(self, tasks, files, options, rows=None):
+            self.batches.append([(t.attempt, t.fan) for t in tasks])
+            good = _result([ts(0), 2, ts(3)])
+            # attempts 1, 2 loop again, 3 and 4 read well: 3 must win, as one after another
+            return [tuple(_result(looping) if a < 3 else good for a in range(t.attempt, t.attempt + t.fan))
+                    for t in tasks]
+
+        accept_window = tr.accept_window
+        finish_file = tr.finish_file
+
+    handler = Handler()
+    stream = TranscriptionStream(handler)
+    stream._files[0] = state
+    stream._queue.append(retry)
+    seen = []
+    real_accept = tr.accept_window
+    handler.accept_window = lambda t, r, s: seen.append(t.attempt) or real_accept(t, r, s)
+    finished, _ = stream.step()
+    assert handler.batches == [[(1, 5)]]  # one batch, all five temperatures
+    assert seen == [1, 2, 3]  # attempt 3 passed: attempts 4 and 5 are never looked at
+    assert [s[2] for s in state.segments] == ["a sentence that reads well"]
+    assert [k for k, _ in finished] == [0]
+
+
+def test_a_fallback_wider_than_the_batch_is_split_to_fit():
+    """With a batch of 2 rows the five temperatures left go two at a time, in order."""
+    ts = lambda s: 1002 + int(s / 0.02)  # noqa: E731
+    tr = Transcriber(_FakeEngine({1: " again and again and again"}), settings=None)  # type: ignore[arg-type]
+    looping = [t for i in range(12) for t in (ts(i), 1, ts(i + 1))]
+
+    class Handler:
+        batch_size = 2
+        batches: list = []
+
+        def decode_windows(self, tasks, files, options, rows=None):
+            self.batches.append([(t.attempt, t.fan) for t in tasks])
+            return [tuple(_result(looping) for _ in range(t.fan)) for t in tasks]
+
+        accept_window = tr.accept_window
+        finish_file = tr.finish_file
+
+    handler = Handler()
+    stream = TranscriptionStream(handler)
+    stream._files[0] = FileState(name="x", audio=np.zeros(16000 * 20, np.float32), pending=1)
+    stream._queue.append(WindowTask(file=0, window=Packed(((0, 16000 * 20),))))
+    while stream.queued:
+        stream.step()
+    assert handler.batches == [[(0, 1)], [(1, 2)], [(3, 2)], [(5, 1)]]
+
+
+def test_a_row_stops_at_its_token_budget_and_counts_as_truncated(tiny_engine_fp32):
+    """``max_tokens`` stops one row early (truncated, its tokens a prefix of the full decoding);
+    the other row decodes as it would alone. ``token_budget``: 16 a second + 32, capped."""
+    from batch_job.engine.decoding import decode_batch, token_budget
+
+    engine = tiny_engine_fp32
+    rows = [load_clip("jfk.flac", 11.0), load_clip("jfk.flac", 11.0)]
+    options = DecodingOptions(max_new_tokens=96)
+    inference = engine._inference[2]
+    with torch.inference_mode():
+        inference.start(engine.log_mel(rows, 2))
+        try:
+            full = decode_batch(inference, engine.tokens, options, n_rows=2, batch_size=2)
+            inference.start(engine.log_mel(rows, 2))
+            capped = decode_batch(inference, engine.tokens, options, n_rows=2, batch_size=2, max_tokens=[7, 96])
+        finally:
+            inference.finish()
+    assert len(full[0].tokens) > 7 and not full[0].truncated
+    assert capped[0].tokens == full[0].tokens[:7] and capped[0].truncated
+    assert capped[1].tokens == full[1].tokens and not capped[1].truncated
+    assert token_budget(16000 * 5, 224) == 32 + 80
+    assert token_budget(int(16000 * 0.5), 224) == 40
+    assert token_budget(16000 * 30, 224) == 224

@@ -99,7 +99,7 @@ class _FakeTranscriber:
         self.batches.append(names)
         if self.fail_when(names):
             raise RuntimeError("device fell over")
-        return [DecodingResult((), "en", 0.0, 0.0, 0.0, False) for _ in tasks]
+        return [(DecodingResult((), "en", 0.0, 0.0, 0.0, False),) for _ in tasks]
 
     def accept_window(self, task, result, state):
         return ()

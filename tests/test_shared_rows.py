@@ -174,7 +174,7 @@ class _PassOverShared:
         out = [None] * len(tasks)
         for row in rows:
             if len(row) == 1:
-                out[row[0]] = result([ts(0.0), 11, ts(8.0)])
+                out[row[0]] = (result([ts(0.0), 11, ts(8.0)]),)
         return out
 
     def accept_window(self, task, result, state):

@@ -11,6 +11,7 @@ loop per step), following openai/whisper's ``decoding.py``.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from batch_job.constants import SECONDS_PER_TIMESTAMP
+from batch_job.constants import MAX_TOKENS_BASE, MAX_TOKENS_PER_SECOND, SAMPLE_RATE, SECONDS_PER_TIMESTAMP
 from batch_job.engine.graphs import Inference
 from batch_job.engine.tokens import SpecialTokens
 
@@ -50,7 +51,7 @@ class DecodingResult:
     no_speech_prob: float
     temperature: float
     truncated: bool
-    """True when the row hit ``max_new_tokens`` before ``<|endoftext|>``."""
+    """True when the row hit ``max_new_tokens`` (or its own ``max_tokens``) before ``<|endoftext|>``."""
     token_logprobs: tuple[float, ...] = ()
     """Log-probability of each of ``tokens`` when it was chosen (after the logit filters)."""
     alignment: np.ndarray | None = field(default=None, compare=False, repr=False)
@@ -176,6 +177,7 @@ def decode_batch(
     temperatures: Sequence[float] | None = None,
     alignment: Tensor | None = None,
     shrink: Shrink | None = None,
+    max_tokens: Sequence[int] | None = None,
 ) -> list[DecodingResult]:
     """Decode the batch that ``inference`` was just started on; return the first ``n_rows`` results.
 
@@ -189,6 +191,8 @@ def decode_batch(
     (:data:`Shrink`) and steps that one from then on, so finished rows stop costing steps (a CPU
     step's time grows with its rows). Tokens are the same as without it up to the float rounding
     of a smaller batch.
+    ``max_tokens``: per row (``n_rows`` of them), the tokens after which it stops as truncated, at
+    most ``max_new_tokens`` (:func:`token_budget`: a looping row stops early, not at the cap).
     """
     if shrink is not None and alignment is not None:
         raise ValueError("shrink cannot be used with an alignment record")
@@ -232,6 +236,10 @@ def decode_batch(
     rows = torch.arange(B)
     temps = row_temps
     finished = rows >= n_rows
+    budget = torch.full((B,), options.max_new_tokens, dtype=torch.long)
+    if max_tokens is not None:
+        budget[:n_rows] = torch.tensor(list(max_tokens), dtype=torch.long).clamp(1, options.max_new_tokens)
+    capped = torch.zeros(B, dtype=torch.bool)  # per batch row: stopped by its budget
     minus_one = torch.full((B,), -1, dtype=torch.long)
     state = DecodeState(step=0, last=minus_one, penultimate=minus_one, last_timestamp=minus_one)
     steps = 0
@@ -253,6 +261,10 @@ def decode_batch(
         chosen_logprobs[rows, step] = logprob
         steps = step + 1
         finished |= nxt == tokens.eot
+        if max_tokens is not None:
+            hit = ~finished & (budget[rows] <= step + 1)
+            capped[rows] |= hit
+            finished |= hit
         state.penultimate = state.last
         state.last = nxt
         state.last_timestamp = torch.where(nxt >= tokens.timestamp_begin, nxt, state.last_timestamp)
@@ -272,12 +284,13 @@ def decode_batch(
     results = []
     for r in range(n_rows):
         row = generated[r].tolist()
-        truncated = tokens.eot not in row
-        if not truncated:
+        truncated = tokens.eot not in row or bool(capped[r])
+        if tokens.eot in row:
             row = row[: row.index(tokens.eot)]
         attention = None
         if alignment is not None:  # the query at P - 1 + i chose token i; positions P - 1 .. P - 2 + steps ran
-            queries = alignment[P - 1 : min(P + len(row), P - 1 + steps), r]  # [n, A, S]
+            chose_eot = 0 if truncated else 1
+            queries = alignment[P - 1 : min(P - 1 + len(row) + chose_eot, P - 1 + steps), r]  # [n, A, S]
             attention = queries.transpose(0, 1).float().cpu().numpy()
         results.append(
             DecodingResult(
@@ -292,6 +305,12 @@ def decode_batch(
             )
         )
     return results
+
+
+def token_budget(samples: int, max_new_tokens: int) -> int:
+    """Tokens a window of ``samples`` (16 kHz) may take: :data:`~batch_job.constants.MAX_TOKENS_PER_SECOND`
+    per second plus :data:`~batch_job.constants.MAX_TOKENS_BASE`, at most ``max_new_tokens``."""
+    return min(max_new_tokens, MAX_TOKENS_BASE + math.ceil(MAX_TOKENS_PER_SECOND * samples / SAMPLE_RATE))
 
 
 def _pick_languages(first_logits: Tensor, tokens: SpecialTokens, requested: Sequence[str | None]) -> list[str]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from batch_job.constants import N_SAMPLES, PROMPT_SLOTS
 from batch_job.engine.bundle import ModelBundle
-from batch_job.engine.decoding import DecodingOptions, DecodingResult, decode_batch
+from batch_job.engine.decoding import DecodingOptions, DecodingResult, decode_batch, token_budget
 
 
 class Engine:
@@ -45,10 +45,12 @@ class Engine:
                                           device=torch_device, alignment_heads=len(bundle.alignment_heads))
             for b in self.buckets
         }
-        self.shrinks = all(isinstance(i, StaticCacheInference) for i in self._inference.values())
-        """Whether a batch moves to a smaller bucket as its rows finish (CPU/CUDA: the caches are host
-        tensors that :meth:`~batch_job.engine.graphs.StaticCacheInference.move_rows` copies; Neuron's
-        live on the device, in graphs compiled for one batch size each)."""
+        self.moves_rows = all(isinstance(i, StaticCacheInference) for i in self._inference.values())
+        """Whether a batch's rows can move between buckets (CPU/CUDA: the caches are host tensors
+        that :meth:`~batch_job.engine.graphs.StaticCacheInference.move_rows` copies; Neuron's live
+        on the device, in graphs compiled for one batch size each)."""
+        self.shrinks = self.moves_rows
+        """Whether a batch moves to a smaller bucket as its rows finish (only where rows move)."""
 
     def check_language(self, language: str) -> str:
         """Validate a language code for this model (English-only models accept only ``en``)."""
@@ -77,14 +79,22 @@ class Engine:
     def decode(
         self, rows: Sequence[np.ndarray], options: DecodingOptions, *, temperatures: Sequence[float] | None = None
     ) -> tuple[list[DecodingResult], dict[str, float]]:
-        """Decode up to ``max_batch`` windows in one fixed-shape batch. Returns results and stage timings."""
+        """Decode up to ``max_batch`` windows in one fixed-shape batch. Returns results and stage timings.
+
+        Rows that are the same array object (one window at several temperatures) are encoded once
+        where rows can move between buckets and no word-timestamp record is kept: the distinct
+        rows run the encoder in their own smaller bucket and are copied out to the batch's rows.
+        """
         import torch
 
         n = len(rows)
         batch = next(b for b in self.buckets if b >= n)
         inference = self._inference[batch]
+        distinct, index = _distinct_rows(rows)
+        encoded = next(b for b in self.buckets if b >= len(distinct))
+        spread = self.moves_rows and not self.bundle.alignment_heads and encoded < batch
         t0 = time.perf_counter()
-        mel = self.log_mel(rows, batch)
+        mel = self.log_mel(distinct, encoded) if spread else self.log_mel(rows, batch)
         t1 = time.perf_counter()
         current = [inference]
 
@@ -97,13 +107,20 @@ class Engine:
             return target
 
         with torch.inference_mode():
-            inference.start(mel)
+            if spread:
+                source = self._inference[encoded]
+                source.start(mel)
+                padding = [0] * (batch - n)  # padding rows start finished: any encoded row will do
+                source.move_rows(torch.tensor(index + padding, dtype=torch.long), inference)
+            else:
+                inference.start(mel)
             t2 = time.perf_counter()
             try:
                 results = decode_batch(
                     inference, self.tokens, options, n_rows=n, batch_size=batch, temperatures=temperatures,
                     alignment=inference.alignment,
                     shrink=shrink if self.shrinks and inference.alignment is None else None,
+                    max_tokens=[token_budget(len(row), options.max_new_tokens) for row in rows],
                 )
             finally:
                 # Each bucket would otherwise keep its last batch's encoder output alive: with
@@ -111,3 +128,16 @@ class Engine:
                 current[-1].finish()
         t3 = time.perf_counter()
         return results, {"features": t1 - t0, "encode": t2 - t1, "decode": t3 - t2}
+
+
+def _distinct_rows(rows: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+    """The distinct arrays of ``rows`` (by identity, in first-seen order) and each row's index among them."""
+    first: dict[int, int] = {}
+    distinct: list[np.ndarray] = []
+    index: list[int] = []
+    for row in rows:
+        k = first.setdefault(id(row), len(distinct))
+        if k == len(distinct):
+            distinct.append(row)
+        index.append(k)
+    return distinct, index
