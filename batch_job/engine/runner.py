@@ -51,6 +51,15 @@ class Engine:
         on the device, in graphs compiled for one batch size each)."""
         self.shrinks = self.moves_rows
         """Whether a batch moves to a smaller bucket as its rows finish (only where rows move)."""
+        self._optimize_steps = bundle.device != "cpu"
+        """TorchScript's graph executor profiles and re-optimizes a graph on its first calls at each
+        batch size. For the CPU decoder step that bought nothing in steady state and cost every
+        bucket's first batches in every process (one Batch job is one process; shrinking batches
+        visit every bucket), so CPU steps run unoptimized. The encoder stays optimized: unoptimized
+        it peaks ~300 MB higher at batch 8 (docs/benchmarks.md, "Where the time goes: the long
+        file and the fallbacks")."""
+        self.token_budgets = True
+        """Whether a row stops at :func:`~batch_job.engine.decoding.token_budget` of its audio (else at ``max_new_tokens``)."""
 
     def check_language(self, language: str) -> str:
         """Validate a language code for this model (English-only models accept only ``en``)."""
@@ -116,12 +125,13 @@ class Engine:
                 inference.start(mel)
             t2 = time.perf_counter()
             try:
-                results = decode_batch(
-                    inference, self.tokens, options, n_rows=n, batch_size=batch, temperatures=temperatures,
-                    alignment=inference.alignment,
-                    shrink=shrink if self.shrinks and inference.alignment is None else None,
-                    max_tokens=[token_budget(len(row), options.max_new_tokens) for row in rows],
-                )
+                with torch.jit.optimized_execution(self._optimize_steps):
+                    results = decode_batch(
+                        inference, self.tokens, options, n_rows=n, batch_size=batch, temperatures=temperatures,
+                        alignment=inference.alignment,
+                        shrink=shrink if self.shrinks and inference.alignment is None else None,
+                        max_tokens=[token_budget(len(row), options.max_new_tokens) for row in rows] if self.token_budgets else None,
+                    )
             finally:
                 # Each bucket would otherwise keep its last batch's encoder output alive: with
                 # buckets 1..8 that is up to 36 rows of cross K/V (~1.3 GB for tiny.en).
