@@ -728,3 +728,30 @@ def test_a_row_stops_at_its_token_budget_and_counts_as_truncated(tiny_engine_fp3
     assert token_budget(16000 * 5, 224) == 32 + 80
     assert token_budget(int(16000 * 0.5), 224) == 40
     assert token_budget(16000 * 30, 224) == 224
+
+
+def test_the_fair_order_fits_a_fallback_in_the_rows_left_or_keeps_it_for_the_next_batch():
+    """The server's round robin counts a fallback's rows: with 3 of 4 rows taken, a file whose next
+    window is a 2-row fallback waits for the next batch, where it goes first (oldest file)."""
+    tr = Transcriber(_FakeEngine({1: " fine"}), settings=None)  # type: ignore[arg-type]
+
+    class Handler:
+        batch_size = 4
+        batches: list = []
+
+        def decode_windows(self, tasks, files, options, rows=None):
+            self.batches.append([(files[t.file].name, t.fan) for t in tasks])
+            return [tuple(_result([1002, 1, 1002 + 50]) for _ in range(t.fan)) for t in tasks]
+
+        accept_window = tr.accept_window
+        finish_file = tr.finish_file
+
+    handler = Handler()
+    stream = TranscriptionStream(handler, order="fair")
+    one = Packed(((0, 16000),))
+    for key, name in enumerate("abc"):
+        stream._files[key] = FileState(name=name, audio=np.zeros(16000 * 2, np.float32), pending=2 if name == "c" else 1)
+    stream._queue += [WindowTask(0, one), WindowTask(1, one), WindowTask(2, one), WindowTask(2, one, attempt=1, fan=2)]
+    stream.step()
+    stream.step()
+    assert handler.batches == [[("a", 1), ("b", 1), ("c", 1)], [("c", 2)]]
