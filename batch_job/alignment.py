@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy import ndimage
 
 from batch_job.constants import HOP_LENGTH, N_AUDIO_CTX, N_FRAMES, SAMPLE_RATE
 
@@ -160,9 +161,9 @@ def median_filter(x: np.ndarray, width: int) -> np.ndarray:
     pad = width // 2
     if x.shape[-1] <= pad or width == 1:
         return x
-    padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)], mode="reflect")
-    windows = np.lib.stride_tricks.sliding_window_view(padded, width, axis=-1)
-    return np.sort(windows, axis=-1)[..., pad]
+    # scipy's "mirror" is torch's (and numpy's) "reflect"; its C loop beats sorting every window
+    # (which took 0.6 of 10 s transcribing the speaker tests' conversations with word timestamps).
+    return ndimage.median_filter(x, size=(1,) * (x.ndim - 1) + (width,), mode="mirror")
 
 
 # --------------------------------------------------------------------------- tokens → words

@@ -151,13 +151,18 @@ def main(argv: list[str] | None = None) -> int:
         timing[name] = min(walls)
 
     rows = []
+    by_count: dict[int, list[conv_lib.Score]] = {}  # held-out, ours: scores by the true number of speakers
     floor_best = None
     word_transcripts = {name: transcribe_all(words, convs)[0] for name, convs in sets.items()}
     diarizer = diarizing.diarizer
     assert diarizer is not None
     for set_name, convs in sets.items():
         ours = [diarizer.label(t, c.audio) for c, t in zip(convs, word_transcripts[set_name])]
-        rows.append((set_name, "ours (--diarize, auto)", summarise([conv_lib.score(c, t) for c, t in zip(convs, ours)])))
+        ours_scores = [conv_lib.score(c, t) for c, t in zip(convs, ours)]
+        rows.append((set_name, "ours (--diarize, auto)", summarise(ours_scores)))
+        if set_name == "held-out":
+            for sc in ours_scores:
+                by_count.setdefault(sc.speakers_true, []).append(sc)
         if floor_best is None:  # sweep on the tuning set
             sweep = {th: summarise([conv_lib.score(c, floor_labels(t, c.audio, diarizer, th))
                                     for c, t in zip(convs, word_transcripts[set_name])]) for th in FLOOR_THRESHOLDS}
@@ -172,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     for set_name, system, s in rows:
         lines.append(f"| {set_name} ({len(sets[set_name])}) | {system} | {s['right_count']:.0%} | "
                      f"{s['speech']:.1%} / {s['worst_speech']:.1%} | {s['der']:.1%} | {s['words']:.1%} |")
+    lines += ["", "| held-out, ours, by speakers | conversations | right count | too few / too many | attributed speech (mean / worst) |",
+              "|---|---:|---:|---:|---:|"]
+    for n, scores in sorted(by_count.items()):
+        s = summarise(scores)
+        few = sum(sc.speakers_found < sc.speakers_true for sc in scores)
+        many = sum(sc.speakers_found > sc.speakers_true for sc in scores)
+        lines.append(f"| {n} speaker{'s' if n > 1 else ''} | {len(scores)} | {s['right_count']:.0%} | {few} / {many} | "
+                     f"{s['speech']:.1%} / {s['worst_speech']:.1%} |")
     lines += ["", "| tiny.en on the standard set | audio-s/s | vs plain | WER |", "|---|---:|---:|---:|"]
     for name, wall in timing.items():
         lines.append(f"| {name} | {audio_s / wall:.1f} | {timing['plain'] / wall:.2f}x | {wer(std, outputs[name]):.1%} |")

@@ -604,12 +604,36 @@ def test_move_rows_needs_a_batch_of_exactly_the_rows_kept(tiny_engine_fp32):
             two.finish()
 
 
-def test_shrink_is_refused_with_an_alignment_record(tiny_engine_fp32):
-    from batch_job.engine.decoding import decode_batch
+def test_rows_that_leave_the_batch_keep_their_word_timestamp_attention(tiny_words_transcriber):
+    """With word timestamps the batch shrinks too: each row's attention goes on into its own
+    place in the first batch's record, so its words' times are those of the fixed-size batch."""
+    engine = tiny_words_transcriber.engine
+    rows = [load_clip("jfk.flac", s) for s in (11.0, 2.0, 6.0, 4.0)]
+    options = DecodingOptions(max_new_tokens=96)
+    moves = []
+    original = type(engine._inference[4]).move_rows
 
-    with pytest.raises(ValueError, match="alignment"):
-        decode_batch(engine := tiny_engine_fp32._inference[1], tiny_engine_fp32.tokens, DecodingOptions(),
-                     n_rows=1, batch_size=1, alignment=torch.zeros(1), shrink=lambda keep: engine)
+    def counting(self, keep, into):
+        moves.append((self.shape.batch, into.shape.batch))
+        return original(self, keep, into)
+
+    try:
+        engine.shrinks = False
+        fixed, _ = engine.decode(rows, options)
+        engine.shrinks = True
+        type(engine._inference[4]).move_rows = counting
+        shrunk, _ = engine.decode(rows, options)
+    finally:
+        type(engine._inference[4]).move_rows = original
+        engine.shrinks = True
+    assert moves and moves[0][0] == 4
+    same = [(a, b) for a, b in zip(fixed, shrunk, strict=True) if a.tokens == b.tokens]
+    assert len(same) >= 3  # int8 steps of another batch size may round one row differently
+    for a, b in same:
+        assert a.alignment is not None and b.alignment is not None and a.alignment.shape == b.alignment.shape
+        assert float(np.abs(a.alignment - b.alignment).max()) < 0.02
+        assert float(b.alignment[:, -1].sum()) > 0  # the last query (the one that chose eot) was written
+
 
 
 def test_rows_of_one_array_are_encoded_once_with_the_same_tokens(tiny_engine_fp32):

@@ -186,16 +186,13 @@ def decode_batch(
     Uses ``max_new_tokens + prompt length`` cache slots, which must fit the inference's cache.
     ``alignment``: the inference's attention record ``[T, B, A, S]``, filled while this runs
     (:class:`~batch_job.engine.graphs.BatchInference`); each result gets its rows.
-    ``shrink`` (never with ``alignment``, whose record is per batch row): after a step in which
-    rows finished, the loop asks it for an inference holding only the unfinished rows
-    (:data:`Shrink`) and steps that one from then on, so finished rows stop costing steps (a CPU
-    step's time grows with its rows). Tokens are the same as without it up to the float rounding
-    of a smaller batch.
+    ``shrink``: after a step in which rows finished, the loop asks it for an inference holding
+    only the unfinished rows (:data:`Shrink`; their attention goes on into ``alignment``) and
+    steps that one from then on, so finished rows stop costing steps (a CPU step's time grows
+    with its rows). Tokens are the same as without it up to the float rounding of a smaller batch.
     ``max_tokens``: per row (``n_rows`` of them), the tokens after which it stops as truncated, at
     most ``max_new_tokens`` (:func:`token_budget`: a looping row stops early, not at the cap).
     """
-    if shrink is not None and alignment is not None:
-        raise ValueError("shrink cannot be used with an alignment record")
     device = torch.device("cpu")
     B = batch_size
     langs_in: list[str | None] = [options.language] * B  # None: detected per row

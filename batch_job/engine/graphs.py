@@ -373,11 +373,13 @@ class StaticCacheInference:
         self._slots = [torch.tensor([p], device=device, dtype=torch.long) for p in range(shape.length)]
         self.alignment_heads = int(alignment_heads)
         self.alignment: Tensor | None = None
+        self._alignment_rows: Tensor | None = None  # after move_rows: this batch's rows in the record
 
     def start(self, mel: Tensor) -> None:
         if mel.shape[0] != self.shape.batch:
             raise ValueError(f"batch of {mel.shape[0]} does not match the compiled batch size {self.shape.batch}")
         self.cross_k, self.cross_v = self._encode(mel.to(self.device))
+        self._alignment_rows = None
         # Slots >= position are masked, so stale values never count; zeroing keeps padded rows
         # deterministic for one memset per batch.
         self.self_k.zero_()
@@ -388,6 +390,7 @@ class StaticCacheInference:
         """Drop the batch's cross-attention K/V (``2 x [L, B, H, 1500, Dh]``, the largest buffers)."""
         self.cross_k = self.cross_v = None
         self.alignment = None
+        self._alignment_rows = None
 
     def move_rows(self, keep: Tensor, into: StaticCacheInference) -> StaticCacheInference:
         """Hand the rows ``keep`` (``[n]`` int64, in that order) of this batch, caches as they are, to
@@ -395,7 +398,8 @@ class StaticCacheInference:
 
         Decoding goes on in ``into`` at the next position: its self caches get these rows' slots
         (all of them; slots at or after the position are masked anyway) and its cross K/V these
-        rows' (a copy of ``n x 2L x [H, 1500, Dh]``). No word-timestamp record moves.
+        rows' (a copy of ``n x 2L x [H, 1500, Dh]``). The word-timestamp record stays the first
+        batch's (``[T, B0, A, S]``): ``into`` writes each row's attention into that row's place in it.
         """
         if self.cross_k is None or self.cross_v is None:
             raise RuntimeError("call start() first")
@@ -405,7 +409,11 @@ class StaticCacheInference:
         torch.index_select(self.self_k, 1, index, out=into.self_k)
         torch.index_select(self.self_v, 1, index, out=into.self_v)
         into.cross_k, into.cross_v = self.cross_k.index_select(1, index), self.cross_v.index_select(1, index)
-        into.alignment = None
+        into.alignment = self.alignment
+        if self.alignment is None:
+            into._alignment_rows = None
+        else:
+            into._alignment_rows = index if self._alignment_rows is None else self._alignment_rows.index_select(0, index)
         self.finish()
         return into
 
@@ -419,7 +427,10 @@ class StaticCacheInference:
         self.self_k.index_copy_(3, self._slots[position], new_k)
         self.self_v.index_copy_(3, self._slots[position], new_v)
         if self.alignment is not None and attention:
-            self.alignment[position].copy_(attention[0])
+            if self._alignment_rows is None:
+                self.alignment[position].copy_(attention[0])
+            else:
+                self.alignment[position].index_copy_(0, self._alignment_rows, attention[0].to(self.alignment.dtype))
         return logits
 
 

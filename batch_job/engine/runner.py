@@ -129,7 +129,7 @@ class Engine:
                     results = decode_batch(
                         inference, self.tokens, options, n_rows=n, batch_size=batch, temperatures=temperatures,
                         alignment=inference.alignment,
-                        shrink=shrink if self.shrinks and inference.alignment is None else None,
+                        shrink=shrink if self.shrinks else None,
                         max_tokens=[token_budget(len(row), options.max_new_tokens) for row in rows] if self.token_budgets else None,
                     )
             finally:
