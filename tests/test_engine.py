@@ -554,11 +554,9 @@ def test_step_reads_bf16_cross_kv_close_to_float32(tiny_engine_fp32, tiny_model)
     assert narrow.topk(5).indices.tolist() == wide.topk(5).indices.tolist()
 
 
-def test_batch_shrinks_as_rows_finish_with_the_same_tokens(tiny_engine_fp32):
-    """Rows that finish leave the batch (the step runs on the bucket of the rows left): with float32
-    graphs every row's tokens and log-probabilities are those of the fixed-size batch."""
-    engine = tiny_engine_fp32
-    rows = [load_clip("jfk.flac", s) for s in (11.0, 2.0, 6.0, 4.0)]  # texts of different lengths
+def _fixed_then_shrunk(engine, rows, options):
+    """``rows`` decoded in a batch that keeps its size, then in one that shrinks; and the moves
+    (``(from, to)`` bucket sizes) the second one made."""
     moves = []
     original = type(engine._inference[4]).move_rows
 
@@ -566,8 +564,6 @@ def test_batch_shrinks_as_rows_finish_with_the_same_tokens(tiny_engine_fp32):
         moves.append((self.shape.batch, into.shape.batch))
         return original(self, keep, into)
 
-    options = DecodingOptions(max_new_tokens=96)
-    assert engine.shrinks
     try:
         engine.shrinks = False
         fixed, _ = engine.decode(rows, options)
@@ -577,6 +573,16 @@ def test_batch_shrinks_as_rows_finish_with_the_same_tokens(tiny_engine_fp32):
     finally:
         type(engine._inference[4]).move_rows = original
         engine.shrinks = True
+    return fixed, shrunk, moves
+
+
+def test_batch_shrinks_as_rows_finish_with_the_same_tokens(tiny_engine_fp32):
+    """Rows that finish leave the batch (the step runs on the bucket of the rows left): with float32
+    graphs every row's tokens and log-probabilities are those of the fixed-size batch."""
+    engine = tiny_engine_fp32
+    rows = [load_clip("jfk.flac", s) for s in (11.0, 2.0, 6.0, 4.0)]  # texts of different lengths
+    assert engine.shrinks
+    fixed, shrunk, moves = _fixed_then_shrunk(engine, rows, DecodingOptions(max_new_tokens=96))
     assert moves and all(a > b for a, b in moves) and moves[0][0] == 4  # 4 rows -> fewer, never back
     assert len({len(r.tokens) for r in fixed}) > 1
     for a, b in zip(fixed, shrunk, strict=True):
@@ -609,23 +615,7 @@ def test_rows_that_leave_the_batch_keep_their_word_timestamp_attention(tiny_word
     place in the first batch's record, so its words' times are those of the fixed-size batch."""
     engine = tiny_words_transcriber.engine
     rows = [load_clip("jfk.flac", s) for s in (11.0, 2.0, 6.0, 4.0)]
-    options = DecodingOptions(max_new_tokens=96)
-    moves = []
-    original = type(engine._inference[4]).move_rows
-
-    def counting(self, keep, into):
-        moves.append((self.shape.batch, into.shape.batch))
-        return original(self, keep, into)
-
-    try:
-        engine.shrinks = False
-        fixed, _ = engine.decode(rows, options)
-        engine.shrinks = True
-        type(engine._inference[4]).move_rows = counting
-        shrunk, _ = engine.decode(rows, options)
-    finally:
-        type(engine._inference[4]).move_rows = original
-        engine.shrinks = True
+    fixed, shrunk, moves = _fixed_then_shrunk(engine, rows, DecodingOptions(max_new_tokens=96))
     assert moves and moves[0][0] == 4
     same = [(a, b) for a, b in zip(fixed, shrunk, strict=True) if a.tokens == b.tokens]
     assert len(same) >= 3  # int8 steps of another batch size may round one row differently
@@ -633,7 +623,6 @@ def test_rows_that_leave_the_batch_keep_their_word_timestamp_attention(tiny_word
         assert a.alignment is not None and b.alignment is not None and a.alignment.shape == b.alignment.shape
         assert float(np.abs(a.alignment - b.alignment).max()) < 0.02
         assert float(b.alignment[:, -1].sum()) > 0  # the last query (the one that chose eot) was written
-
 
 
 def test_rows_of_one_array_are_encoded_once_with_the_same_tokens(tiny_engine_fp32):
