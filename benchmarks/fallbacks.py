@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import SHARED_AUDIO, build_long_file, build_odd_corpus, error_rates, read_manifest  # noqa: E402
 
-MODES = {  # name -> (Guards.fallback_at_once, Engine.token_budgets)
+MODES = {  # name -> (Guards.fallback_at_once, None: its default; Engine.token_budgets)
     "one after another, no budget": (1, False),
-    "at once, no budget": (5, False),
-    "at once + token budget (default)": (5, True),
+    "at once, no budget": (None, False),
+    "at once + token budget (default)": (None, True),
 }
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(args.rounds):
         for set_name, rows in sets.items():
             for mode, (at_once, budgets) in MODES.items():
-                transcriber.guards = dataclasses.replace(guards, fallback_at_once=at_once)
+                transcriber.guards = dataclasses.replace(guards, fallback_at_once=at_once or guards.fallback_at_once)
                 transcriber.engine.token_budgets = budgets
                 res = run_once(transcriber, rows)
                 runs.setdefault((mode, set_name), []).append(res)

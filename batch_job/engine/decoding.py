@@ -281,8 +281,9 @@ def decode_batch(
     results = []
     for r in range(n_rows):
         row = generated[r].tolist()
-        truncated = tokens.eot not in row or bool(capped[r])
-        if tokens.eot in row:
+        ended = tokens.eot in row
+        truncated = not ended or bool(capped[r])
+        if ended:
             row = row[: row.index(tokens.eot)]
         attention = None
         if alignment is not None:  # the query at P - 1 + i chose token i; positions P - 1 .. P - 2 + steps ran
