@@ -132,6 +132,24 @@ def test_a_voice_of_under_three_partials_is_folded_even_above_the_share():
         assert clustering.cluster(points[keep], np.arange(20), SpeakerOptions()).count == count, few
 
 
+def test_short_padded_partials_get_a_speaker_but_do_not_make_one():
+    """3 partials of a stray voice (7% of them, above both floors) make a third speaker when they
+    are full; as short regions padded with silence they only take the nearest speaker's label."""
+    rng = np.random.default_rng(3)
+    points, _ = _voices(rng, 2, 20)
+    stray = rng.normal(size=(3, 64)) * 0.05 + rng.normal(size=(1, 64))
+    points = np.concatenate([points, (stray / np.linalg.norm(stray, axis=1, keepdims=True)).astype(np.float32)])
+    seeds = np.concatenate([np.arange(40) // 2, [100, 100, 101]])
+    full = np.full(43, PARTIAL_S)
+    assert clustering.cluster(points, seeds, SpeakerOptions(), full).count == 3
+    short = full.copy()
+    short[40:] = clustering.MIN_VOTING_SPEECH_S - 0.1
+    two = clustering.cluster(points, seeds, SpeakerOptions(), short)
+    assert two.count == 2 and len(two.labels) == 43 and set(two.labels[40:]) <= {0, 1}
+    only_short = clustering.cluster(points[40:], seeds[40:], SpeakerOptions(), short[40:])
+    assert only_short.count == 1 and len(only_short.labels) == 3  # none long enough: all of them vote
+
+
 def test_no_partials_no_clusters():
     assert clustering.cluster(np.zeros((0, 8), np.float32), np.zeros(0, int), SpeakerOptions()).count == 0
 

@@ -13,12 +13,21 @@ The embedding of one 1.6 s partial is noisy: two partials of one person are ofte
 4. refine: every partial goes to its nearest centre and the centres are recomputed, twice
    (k-means steps that undo the linkage's greedy merges).
 
+Only partials with at least :data:`MIN_VOTING_SPEECH_S` of speech take part in steps 1-4: a
+short region is one partial padded with silence, and its embedding is the least steady of all
+(JFK's "And so," said twice, 1.1 s each, made a cluster of its own on some CPUs). Such partials
+still get the nearest speaker; they only do not pick the speakers (all of them do when none is
+long enough).
+
 :data:`AUTO_DISTANCE` and :data:`MIN_PARTIALS` were tuned on 32 conversations of real voices
 (docs/benchmarks.md, speaker labels: the tests' 8 and 24 random ones, seeds 21 and 5, with pauses
 down to 0.05 s): the speaker count is right in 31 of 32 for cuts from 0.32 to 0.36, less often
 below (spurious speakers) and above (two voices merged: at 0.38 one conversation falls to 53%
 of its speech attributed); the value is the middle of that range. Without the 3-partial floor the
 first second of one voice (JFK's "And so,", said twice) became a speaker of its own (30 of 32).
+:data:`MIN_VOTING_SPEECH_S` came later, when that cluster came back on an Intel CPU with AMX,
+whose oneDNN kernels move word times by up to 0.12 s: with any value from 1.2 to 1.4 s the
+count is right in 31 of 32 again on both kinds of kernel (docs/benchmarks.md, speaker labels).
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ MIN_PARTIALS = 3
 """``auto``: ... or with fewer partials than this (about 2.4 s of speech): one seed is too little to
 tell a new voice from a known one that sounds different for a moment."""
 REFINE_ROUNDS = 2
+MIN_VOTING_SPEECH_S = 1.3
+"""A partial with less speech than this (a short region padded with silence) is labelled, but does not pick the speakers."""
 
 
 @dataclass(frozen=True)
@@ -52,19 +63,25 @@ class Clusters:
         return int(self.centres.shape[0])
 
 
-def cluster(embeddings: np.ndarray, seeds: np.ndarray, options: SpeakerOptions) -> Clusters:
+def cluster(embeddings: np.ndarray, seeds: np.ndarray, options: SpeakerOptions,
+            speech_s: np.ndarray | None = None) -> Clusters:
     """Speakers of ``embeddings [N, D]`` (unit length) whose ``seeds [N]`` say which belong together,
-    as ``options`` ask: exactly ``count`` speakers, or an estimate within the bounds."""
+    as ``options`` ask: exactly ``count`` speakers, or an estimate within the bounds.
+
+    ``speech_s [N]``: seconds of speech in each partial (``None``: all full); the partials under
+    :data:`MIN_VOTING_SPEECH_S` get labels but do not pick the speakers.
+    """
     if embeddings.shape[0] == 0:
         return Clusters(np.zeros(0, int), np.zeros((0, embeddings.shape[1]), np.float32))
-    seed_of = np.unique(seeds, return_inverse=True)[1]
-    seed_centres = _centres(embeddings, seed_of)
-    centres = _centres(embeddings, _cut(seed_centres, options)[seed_of])
+    voters = np.ones(len(embeddings), bool) if speech_s is None else np.asarray(speech_s) >= MIN_VOTING_SPEECH_S
+    points = embeddings[voters] if voters.any() else embeddings
+    seed_of = np.unique(seeds[voters] if voters.any() else seeds, return_inverse=True)[1]
+    centres = _centres(points, _cut(_centres(points, seed_of), options)[seed_of])
     if options.count is None:
-        centres = _fold_small(embeddings, centres, options.min_speakers)
+        centres = _fold_small(points, centres, options.min_speakers)
     for _ in range(REFINE_ROUNDS):
-        labels = _nearest(embeddings, centres)
-        centres = _centres(embeddings, np.unique(labels, return_inverse=True)[1])
+        labels = _nearest(points, centres)
+        centres = _centres(points, np.unique(labels, return_inverse=True)[1])
     return _by_first_appearance(_nearest(embeddings, centres), centres)
 
 

@@ -54,5 +54,6 @@ class Diarizer:
         audio = normalize_volume(audio, speech)
         cuts = partials(regions)
         embeddings = self.encoder.embed(np.stack([partial_audio(audio, p) for p in cuts]))
-        speakers = cluster(embeddings, np.array([p.seed for p in cuts]), self.options)
+        speakers = cluster(embeddings, np.array([p.seed for p in cuts]), self.options,
+                           np.array([p.end - p.start for p in cuts]))
         return label_transcript(transcript, cuts, embeddings, speakers.centres)
