@@ -574,6 +574,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="batch size for ours, fw-batched and hf (default 8)")
     p.add_argument("--limit", type=int, default=0, help="first N eligible clips only (smoke runs)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--no-clips", action="store_true", help="skip the clips set (the long file and odd formats are still built from them)")
     p.add_argument("--no-long", action="store_true", help="skip the long concatenated file")
     p.add_argument("--no-odd", action="store_true",
                    help="skip the odd-formats corpus (the clips as 8 kHz u8 WAV, 6-channel 48 kHz WAV, "
@@ -649,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
                 counts[r["format"]] = counts.get(r["format"], 0) + 1
             meta_sets["odd"] = {"files": len(odd_rows), "seconds": sum(r["seconds"] for r in odd_rows),
                                 "formats": counts}
+    if args.no_clips:
+        del sets["clips"], meta_sets["clips"]
     warm_clip = min(eligible[: max(1, min(len(eligible), 10))], key=lambda r: abs(r["seconds"] - 5.0))
     warmup = None if args.no_warmup else {"name": "warmup", "path": warm_clip["path"]}
 
