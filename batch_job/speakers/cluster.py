@@ -74,8 +74,10 @@ def cluster(embeddings: np.ndarray, seeds: np.ndarray, options: SpeakerOptions,
     if embeddings.shape[0] == 0:
         return Clusters(np.zeros(0, int), np.zeros((0, embeddings.shape[1]), np.float32))
     voters = np.ones(len(embeddings), bool) if speech_s is None else np.asarray(speech_s) >= MIN_VOTING_SPEECH_S
-    points = embeddings[voters] if voters.any() else embeddings
-    seed_of = np.unique(seeds[voters] if voters.any() else seeds, return_inverse=True)[1]
+    if not voters.any():
+        voters[:] = True
+    points = embeddings[voters]
+    seed_of = np.unique(seeds[voters], return_inverse=True)[1]
     centres = _centres(points, _cut(_centres(points, seed_of), options)[seed_of])
     if options.count is None:
         centres = _fold_small(points, centres, options.min_speakers)
