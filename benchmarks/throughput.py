@@ -491,12 +491,13 @@ def render_notes(meta: dict) -> str:
         f"ours and transformers read its conversion `{Path(meta['hf_dir']).name}`). "
         f"{a['threads']} threads for every system (torch.set_num_threads / ctranslate2 cpu_threads, "
         f"OMP/MKL_NUM_THREADS), batch size {a['batch_size']}.",
-        f"- clips: {meta['sets'].get('clips', {}).get('files', 0)} files, "
-        f"{meta['sets'].get('clips', {}).get('seconds', 0):.1f} s"
-        + (f" (first {a['limit']} eligible)" if a["limit"] else "")
-        + (f"; {meta['skipped_non_english']} non-English clips skipped (English-only model)" if meta["skipped_non_english"] else "")
-        + ".",
     ]
+    if "clips" in meta["sets"]:
+        notes.append(
+            f"- clips: {meta['sets']['clips']['files']} files, {meta['sets']['clips']['seconds']:.1f} s"
+            + (f" (first {a['limit']} eligible)" if a["limit"] else "")
+            + (f"; {meta['skipped_non_english']} non-English clips skipped (English-only model)" if meta["skipped_non_english"] else "")
+            + ".")
     if "long" in meta["sets"]:
         notes.append(
             f"- long: one {meta['sets']['long']['seconds']:.1f} s FLAC of the "
