@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import SHARED_AUDIO, build_long_file, build_odd_corpus, error_rates, read_manifest  # noqa: E402
+from corpus import SHARED_AUDIO, build_long_file, build_odd_corpus, error_rates, read_manifest  # noqa: E402
 
 MODES = {  # name -> (Guards.fallback_at_once, None: its default; Engine.token_budgets)
     "one after another, no budget": (1, False),

@@ -38,11 +38,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import SHARED_AUDIO, ct2_dir_for, error_rates, machine_info, read_manifest  # noqa: E402
 from docs_section import write_section  # noqa: E402
-from throughput import ct2_dir_for, error_rates, machine_info, read_manifest, run_child  # noqa: E402
+from throughput import run_child  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
 SECTION = "## Many short files end to end (packs)"
 SYSTEMS = ("packed", "per-file", "fw", "fw-batched")
 LABELS = {

@@ -31,11 +31,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import REPO, SHARED_AUDIO, error_rates, machine_info, read_manifest  # noqa: E402
 from docs_section import write_section  # noqa: E402
-from throughput import error_rates, machine_info, read_manifest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
 SECTION = "## Model x batch size (CPU), and projected inf2 cost"
 
 #: docs/neuron.md, "Expected throughput per NeuronCore": x real time per core (estimate range,

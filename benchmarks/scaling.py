@@ -36,18 +36,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import LONG_GAP_SECONDS, REPO, SHARED_AUDIO, build_long_file, ct2_dir_for, error_rates, machine_info, read_manifest  # noqa: E402
 from docs_section import write_section  # noqa: E402
-from throughput import (  # noqa: E402
-    LONG_GAP_SECONDS,
-    REPO,
-    SHARED_AUDIO,
-    build_long_file,
-    ct2_dir_for,
-    error_rates,
-    machine_info,
-    read_manifest,
-    run_child,
-)
+from throughput import run_child  # noqa: E402
 
 SECTION = "## Scaling: 10, 40, 160 files and a 1-hour file (issue #23)"
 SYSTEMS = ("ours", "fw-batched")

@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from corpus import SHARED_AUDIO, ct2_dir_for, error_rates, machine_info, read_manifest  # noqa: E402
 from docs_section import write_section  # noqa: E402
-from throughput import SHARED_AUDIO, ct2_dir_for, error_rates, machine_info, read_manifest  # noqa: E402
 
 SECTION = "## Serving endpoint under concurrent load"
 SYSTEMS = ("ours", "fw")

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import error_rates  # noqa: E402
 from many_files import select_clips  # noqa: E402
-from throughput import error_rates  # noqa: E402
 
 
 def clip_sets(clips: list[dict], n_sets: int, size: int, seed: int) -> list[list[dict]]:

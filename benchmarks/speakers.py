@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import conversations as conv_lib  # noqa: E402
+from corpus import error_rates, machine_info  # noqa: E402
 from docs_section import write_section  # noqa: E402
-from throughput import error_rates, machine_info  # noqa: E402
 
 from batch_job.result import Transcript  # noqa: E402
 from batch_job.settings import Settings  # noqa: E402
