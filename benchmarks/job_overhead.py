@@ -31,8 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import REPO, SHARED_AUDIO  # noqa: E402
+
 TARGET_MODEL_READY_S = 2.0
 
 

@@ -13,15 +13,14 @@ without native bf16, so keep ``--limit`` small; the wall time says nothing about
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import REPO, SHARED_AUDIO, read_manifest  # noqa: E402
+
 sys.path.insert(0, str(REPO))
-SHARED_AUDIO = Path(os.environ.get("WHISPER_BATCH_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
 
 
 def main(argv=None) -> int:
@@ -48,9 +47,8 @@ def main(argv=None) -> int:
     from batch_job.settings import Settings
 
     torch.set_num_threads(args.threads)
-    entries = [json.loads(line) for line in (SHARED_AUDIO / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    entries = [e for e in entries if e["language"] == "en" and e["seconds"] <= 30][: args.limit]
-    rows = [load_audio(SHARED_AUDIO / e["audio"]) for e in entries]
+    entries = [e for e in read_manifest(SHARED_AUDIO) if e["language"] == "en" and e["seconds"] <= 30][: args.limit]
+    rows = [load_audio(e["path"]) for e in entries]
     settings = Settings.from_env().replace(model=args.model, device="cpu", quantize_decoder=False, encoder_dtype="float32",
                                            batch_size=args.batch_size, max_new_tokens=args.max_tokens)
     loaded = load_model(args.model, cache_dir=settings.cache_dir)
